@@ -1,0 +1,33 @@
+"""Bayesian layers: drop-in, Tensor-returning twins of ``torch.nn`` layers."""
+
+from torchbayes.nn import functional
+from torchbayes.nn.base import ESTIMATORS, BayesianModule, BayesianWeightLayer, iter_bayesian_modules
+from torchbayes.nn.conv import (
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+    BayesConvTranspose1d,
+    BayesConvTranspose2d,
+    BayesConvTranspose3d,
+)
+from torchbayes.nn.linear import BayesLinear
+from torchbayes.nn.mode import posterior_mean, sampling
+from torchbayes.nn.noise import noise_generator
+
+__all__ = [
+    "ESTIMATORS",
+    "BayesianModule",
+    "BayesianWeightLayer",
+    "BayesLinear",
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
+    "BayesConvTranspose1d",
+    "BayesConvTranspose2d",
+    "BayesConvTranspose3d",
+    "functional",
+    "iter_bayesian_modules",
+    "noise_generator",
+    "posterior_mean",
+    "sampling",
+]

@@ -1,0 +1,257 @@
+"""The base classes shared by every Bayesian layer.
+
+:class:`BayesianModule` owns what all Bayesian layers have in common: a mean-field
+Gaussian posterior ``N(mu, softplus(rho)^2)`` over some named parameters, a prior for
+each, the KL term, the Monte Carlo estimator in use and the posterior-mean switch.
+
+:class:`BayesianWeightLayer` adds the three Monte Carlo estimators for layers whose
+output is a linear map of the input, ``op(x, W, b)`` (linear, convolution, transposed
+convolution). A subclass only says what ``op`` is and what a valid input looks like.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from torchbayes.nn import functional as BF
+from torchbayes.nn import noise
+from torchbayes.priors import GaussianPrior, Prior
+
+__all__ = ["ESTIMATORS", "BayesianModule", "BayesianWeightLayer", "canonical_estimator", "iter_bayesian_modules"]
+
+#: The Monte Carlo estimators every weight layer supports.
+ESTIMATORS: tuple[str, ...] = ("reparameterization", "flipout", "local")
+
+Op = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def canonical_estimator(estimator: str) -> str:
+    """Normalise an estimator name (case-insensitive; the reference's ``"Reparameterization"``
+    and ``"Flipout"`` are accepted) or raise ``ValueError`` naming the valid choices."""
+    if isinstance(estimator, str) and estimator.lower() in ESTIMATORS:
+        return estimator.lower()
+    raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+
+
+def _check_finite_scalar(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite float, got {value!r}")
+    return float(value)
+
+
+class BayesianModule(nn.Module):
+    """Base class of modules with a mean-field Gaussian posterior over named parameters.
+
+    For each variational parameter ``name`` a subclass registers with
+    :meth:`register_variational`, the module holds ``{name}_mu`` and ``{name}_rho``
+    (``nn.Parameter``) and a prior module ``{name}_prior``. The posterior standard
+    deviation is ``softplus(rho)``.
+
+    Args:
+        prior_mu: prior mean; a float, or a tensor broadcastable to every variational
+            parameter (use :meth:`set_prior` for per-parameter tensors).
+        prior_sigma: prior standard deviation (> 0), float or broadcastable tensor.
+        posterior_mu_init: offset added to the posterior means' default initialisation.
+        posterior_rho_init: initial ``rho`` (``sigma = softplus(rho)``;
+            ``-3.0`` gives ``sigma ~= 0.049``).
+        estimator: ``"reparameterization"``, ``"flipout"`` or ``"local"``.
+        prior: a :class:`~torchbayes.priors.Prior` used (copied) for every variational
+            parameter instead of the Gaussian given by ``prior_mu``/``prior_sigma``,
+            e.g. a :class:`~torchbayes.priors.ScaleMixturePrior`.
+
+    Attributes:
+        deterministic: when ``True`` the module uses the posterior means and draws no
+            noise (see :func:`torchbayes.nn.posterior_mean`).
+    """
+
+    def __init__(
+        self,
+        *,
+        prior_mu: float | Tensor = 0.0,
+        prior_sigma: float | Tensor = 1.0,
+        posterior_mu_init: float = 0.0,
+        posterior_rho_init: float = -3.0,
+        estimator: str = "reparameterization",
+        prior: Prior | None = None,
+    ) -> None:
+        super().__init__()
+        if prior is not None and not isinstance(prior, Prior):
+            raise TypeError(f"prior must be a torchbayes.priors.Prior, got {type(prior).__name__}")
+        # Validated once here and copied per parameter by register_variational; kept out of
+        # the module tree (object.__setattr__) so it is neither a submodule nor in state_dict.
+        template = prior if prior is not None else GaussianPrior(prior_mu, prior_sigma)
+        object.__setattr__(self, "_prior_template", template)
+        self.posterior_mu_init = _check_finite_scalar("posterior_mu_init", posterior_mu_init)
+        self.posterior_rho_init = _check_finite_scalar("posterior_rho_init", posterior_rho_init)
+        self.estimator = canonical_estimator(estimator)
+        self.deterministic = False
+        self._variational_names: list[str] = []
+
+    # ----------------------------------------------------------------- parameters
+    def register_variational(self, name: str, shape: tuple[int, ...], *,
+                             device: torch.device | str | None = None,
+                             dtype: torch.dtype | None = None) -> None:
+        """Create ``{name}_mu``, ``{name}_rho`` and ``{name}_prior`` for a parameter of ``shape``."""
+        factory = {"device": device, "dtype": dtype}
+        self.register_parameter(f"{name}_mu", nn.Parameter(torch.empty(shape, **factory)))
+        self.register_parameter(f"{name}_rho", nn.Parameter(torch.empty(shape, **factory)))
+        prior = copy.deepcopy(self._prior_template)
+        prior.check_shape(torch.Size(shape), name)
+        self.add_module(f"{name}_prior", prior.to(device=device, dtype=dtype))
+        self._variational_names.append(name)
+
+    @property
+    def variational_names(self) -> tuple[str, ...]:
+        """Names of the parameters that have a posterior (e.g. ``("weight", "bias")``)."""
+        return tuple(self._variational_names)
+
+    def variational_parameters(self) -> Iterator[tuple[str, Tensor, Tensor, Prior]]:
+        """Yield ``(name, mu, rho, prior)`` for each variational parameter."""
+        for name in self._variational_names:
+            yield (name, getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho"),
+                   getattr(self, f"{name}_prior"))
+
+    def posterior_sigma(self, name: str) -> Tensor:
+        """Posterior standard deviation ``softplus(rho)`` of variational parameter ``name``."""
+        self._check_name(name)
+        return BF.softplus(getattr(self, f"{name}_rho"))
+
+    def set_prior(self, name: str, prior: Prior) -> None:
+        """Replace the prior of variational parameter ``name`` (e.g. a per-weight Gaussian)."""
+        self._check_name(name)
+        if not isinstance(prior, Prior):
+            raise TypeError(f"prior must be a torchbayes.priors.Prior, got {type(prior).__name__}")
+        mu = getattr(self, f"{name}_mu")
+        prior.check_shape(mu.shape, name)
+        setattr(self, f"{name}_prior", prior.to(device=mu.device, dtype=mu.dtype))
+
+    def _check_name(self, name: str) -> None:
+        if name not in self._variational_names:
+            raise KeyError(f"{name!r} is not a variational parameter of "
+                           f"{type(self).__name__}; expected one of {self.variational_names}")
+
+    def reset_variational_parameters(self) -> None:
+        """Fill every ``rho`` with ``posterior_rho_init`` and shift every ``mu`` by ``posterior_mu_init``.
+
+        Subclasses initialise the means like their ``torch.nn`` twin first, then call this.
+        """
+        with torch.no_grad():
+            for _, mu, rho, _ in self.variational_parameters():
+                mu.add_(self.posterior_mu_init)
+                rho.fill_(self.posterior_rho_init)
+
+    # ------------------------------------------------------------------------ KL
+    def kl_divergence(self, reduction: str = "sum") -> Tensor:
+        """``KL(q || p)`` of this module's posterior from its prior.
+
+        Args:
+            reduction: ``"sum"`` over every weight (the ELBO's term), or ``"mean"``:
+                the mean over each parameter tensor, summed over tensors (what the
+                reference Bayesian-Torch calls the KL; not an ELBO term).
+
+        Returns:
+            A scalar tensor, exact for Gaussian priors and a Monte Carlo estimate for
+            the scale-mixture prior.
+        """
+        terms = [prior.kl_divergence(mu, rho, reduction)
+                 for _, mu, rho, prior in self.variational_parameters()]
+        return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
+
+    def extra_repr(self) -> str:
+        text = f"estimator={self.estimator}"
+        if self.deterministic:
+            text += ", deterministic=True"
+        return text
+
+
+class BayesianWeightLayer(BayesianModule):
+    """Base of Bayesian layers computing ``op(x, W, b)``, linear in ``x``.
+
+    The three Monte Carlo estimators are implemented once here:
+
+    * ``reparameterization``: one weight sample ``W = mu + sigma * eps`` per forward,
+      shared by the whole batch (Blundell et al., 2015).
+    * ``flipout``: ``op(x, mu) + op(x * s, sigma * eps) * r`` with random signs ``s``
+      and ``r`` per example and channel, giving each example a pseudo-independent
+      weight perturbation (Wen et al., 2018).
+    * ``local``: pre-activations drawn from ``N(op(x, mu), op(x^2, sigma^2))``
+      (Kingma et al., 2015). Exact for linear layers (each example gets an independent
+      weight sample); an approximation for convolutions, see their docstrings.
+
+    Subclasses define :meth:`_op`, :meth:`_check_input` and :attr:`_num_spatial_dims`.
+    """
+
+    weight_mu: Tensor
+    weight_rho: Tensor
+    bias_mu: Tensor | None
+    bias_rho: Tensor | None
+    #: number of trailing spatial dimensions that share one sign per channel in flipout
+    _num_spatial_dims: int = 0
+
+    def _register_weight_and_bias(self, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None,
+                                  device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        self.register_variational("weight", weight_shape, device=device, dtype=dtype)
+        if bias_shape is not None:
+            self.register_variational("bias", bias_shape, device=device, dtype=dtype)
+        else:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_rho", None)
+
+    def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _check_input(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        return self._estimate(input, self._op)
+
+    def _estimate(self, input: Tensor, op: Op) -> Tensor:
+        if self.deterministic:
+            return op(input, self.weight_mu, self.bias_mu)
+        if self.estimator == "reparameterization":
+            return self._forward_reparameterization(input, op)
+        if self.estimator == "flipout":
+            return self._forward_flipout(input, op)
+        return self._forward_local(input, op)
+
+    def _forward_reparameterization(self, x: Tensor, op: Op) -> Tensor:
+        weight = BF.sample_gaussian(self.weight_mu, self.weight_rho)
+        bias = None if self.bias_mu is None else BF.sample_gaussian(self.bias_mu, self.bias_rho)
+        return op(x, weight, bias)
+
+    def _sign_shape(self, t: Tensor) -> tuple[int, ...]:
+        # One sign per example and channel; spatial positions share it, so each example's
+        # perturbation is a genuine kernel sample (the flipped kernel has q's distribution).
+        d = self._num_spatial_dims
+        return tuple(t.shape[: t.dim() - d]) + (1,) * d
+
+    def _forward_flipout(self, x: Tensor, op: Op) -> Tensor:
+        mean = op(x, self.weight_mu, self.bias_mu)
+        delta_w = BF.sample_perturbation(self.weight_rho)
+        delta_b = None if self.bias_rho is None else BF.sample_perturbation(self.bias_rho)
+        sign_in = noise.random_signs(self._sign_shape(x), x)
+        perturbation = op(x * sign_in, delta_w, delta_b)
+        sign_out = noise.random_signs(self._sign_shape(perturbation), perturbation)
+        return torch.addcmul(mean, perturbation, sign_out)
+
+    def _forward_local(self, x: Tensor, op: Op) -> Tensor:
+        mean = op(x, self.weight_mu, self.bias_mu)
+        var_w = BF.softplus(self.weight_rho).square()
+        var_b = None if self.bias_rho is None else BF.softplus(self.bias_rho).square()
+        # Clamp keeps sqrt's gradient finite where the input (hence the variance) is 0.
+        std = op(x * x, var_w, var_b).clamp_min(1e-16).sqrt()
+        return torch.addcmul(mean, std, noise.randn(mean.shape, mean))
+
+
+def iter_bayesian_modules(model: nn.Module) -> Iterator[tuple[str, BayesianModule]]:
+    """Yield ``(qualified_name, module)`` for every :class:`BayesianModule` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, BayesianModule):
+            yield name, module

@@ -1,0 +1,73 @@
+"""The source of Monte Carlo noise used by every Bayesian layer.
+
+All randomness in torchbayes' layers goes through :func:`randn` and :func:`random_signs`,
+so a single :func:`noise_generator` context makes a whole model's draws reproducible
+without touching PyTorch's global random state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["noise_generator", "randn", "random_signs"]
+
+_GENERATOR: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
+    "torchbayes_noise_generator", default=None
+)
+
+
+@contextlib.contextmanager
+def noise_generator(seed_or_generator: int | torch.Generator | None) -> Iterator[torch.Generator | None]:
+    """Draw all Bayesian-layer noise inside the block from one generator.
+
+    Args:
+        seed_or_generator: an integer seed (a fresh CPU generator is made from it),
+            a ``torch.Generator`` (used as is; it must live on the model's device),
+            or ``None`` (use PyTorch's global generator, the default).
+
+    Returns:
+        A context manager yielding the generator in force.
+
+    Example:
+        >>> with noise_generator(0):
+        ...     y1 = model(x)
+        >>> with noise_generator(0):
+        ...     y2 = model(x)   # identical to y1
+    """
+    if seed_or_generator is None or isinstance(seed_or_generator, torch.Generator):
+        gen = seed_or_generator
+    elif isinstance(seed_or_generator, int) and not isinstance(seed_or_generator, bool):
+        gen = torch.Generator().manual_seed(seed_or_generator)
+    else:
+        raise TypeError(
+            "seed_or_generator must be an int, a torch.Generator or None, "
+            f"got {type(seed_or_generator).__name__}"
+        )
+    token = _GENERATOR.set(gen)
+    try:
+        yield gen
+    finally:
+        _GENERATOR.reset(token)
+
+
+def randn(shape: Sequence[int], like: Tensor) -> Tensor:
+    """Standard normal noise of ``shape`` with ``like``'s dtype and device."""
+    gen = _GENERATOR.get()
+    if gen is None or gen.device == like.device:
+        return torch.randn(shape, dtype=like.dtype, device=like.device, generator=gen)
+    # A seeded CPU generator driving an accelerator model: draw on the CPU, then move.
+    return torch.randn(shape, dtype=like.dtype, generator=gen).to(like.device)
+
+
+def random_signs(shape: Sequence[int], like: Tensor) -> Tensor:
+    """Independent +/-1 entries (Rademacher noise) of ``shape``, as used by flipout."""
+    gen = _GENERATOR.get()
+    device = like.device if gen is None else gen.device
+    signs = torch.empty(shape, dtype=like.dtype, device=device).bernoulli_(0.5, generator=gen)
+    signs = signs.mul_(2.0).sub_(1.0)
+    return signs if signs.device == like.device else signs.to(like.device)
