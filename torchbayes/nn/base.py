@@ -14,12 +14,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from torchbayes.nn import functional as BF
-from torchbayes.nn import noise
+from torchbayes.nn import noise, vectorized
 from torchbayes.priors import GaussianPrior, Prior
 
 __all__ = ["ESTIMATORS", "BayesianModule", "BayesianWeightLayer", "canonical_estimator", "iter_bayesian_modules"]
@@ -69,6 +70,10 @@ class BayesianModule(nn.Module):
             noise (see :func:`torchbayes.nn.posterior_mean`).
     """
 
+    #: whether this module draws one posterior sample per block of its batch when
+    #: :func:`torchbayes.nn.vectorized.sample_groups` is active (see that module)
+    supports_sample_groups: bool = False
+
     def __init__(
         self,
         *,
@@ -91,6 +96,8 @@ class BayesianModule(nn.Module):
         self.estimator = canonical_estimator(estimator)
         self.deterministic = False
         self._variational_names: list[str] = []
+        # KL terms computed together with the last forward's draws (see _draw).
+        self._kl_cache: dict[str, tuple[Tensor, int, int, BF.KLToken]] = {}
 
     # ----------------------------------------------------------------- parameters
     def register_variational(self, name: str, shape: tuple[int, ...], *,
@@ -146,6 +153,35 @@ class BayesianModule(nn.Module):
                 rho.fill_(self.posterior_rho_init)
 
     # ------------------------------------------------------------------------ KL
+    def _draw(self, name: str, kind: str) -> Tensor:
+        """A posterior draw of parameter ``name`` (see ``functional.DRAW_KINDS``).
+
+        While training with autograd, the draw also computes the parameter's KL (they
+        share ``softplus(rho)`` and ``sigmoid(rho)``) and caches it for the next
+        :meth:`kl_divergence` call, which takes it if the parameters are unchanged and
+        it has not been back-propagated yet; otherwise the KL is computed afresh.
+        """
+        mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")
+        prior = getattr(self, f"{name}_prior")
+        fuse = (isinstance(prior, GaussianPrior) and torch.is_grad_enabled()
+                and rho.requires_grad and not torch.compiler.is_compiling())
+        if not fuse:
+            self._kl_cache.pop(name, None)
+            return BF.posterior_draw(mu, rho, kind)[0]
+        token = BF.KLToken()
+        draw, kl = BF.posterior_draw(mu, rho, kind, prior.mu, prior.sigma, token)
+        self._kl_cache[name] = (kl, mu._version, rho._version, token)
+        return draw
+
+    def _cached_kl(self, name: str, mu: Tensor, rho: Tensor) -> Tensor | None:
+        entry = self._kl_cache.pop(name, None)
+        if entry is None or torch.compiler.is_compiling():
+            return None
+        kl, mu_version, rho_version, token = entry
+        fresh = (mu._version == mu_version and rho._version == rho_version
+                 and not token.consumed and torch.is_grad_enabled())
+        return kl if fresh else None
+
     def kl_divergence(self, reduction: str = "sum") -> Tensor:
         """``KL(q || p)`` of this module's posterior from its prior.
 
@@ -158,9 +194,22 @@ class BayesianModule(nn.Module):
             A scalar tensor, exact for Gaussian priors and a Monte Carlo estimate for
             the scale-mixture prior.
         """
-        terms = [prior.kl_divergence(mu, rho, reduction)
-                 for _, mu, rho, prior in self.variational_parameters()]
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+        terms = []
+        for name, mu, rho, prior in self.variational_parameters():
+            kl = self._cached_kl(name, mu, rho)
+            if kl is None:
+                terms.append(prior.kl_divergence(mu, rho, reduction))
+            else:
+                terms.append(kl if reduction == "sum" else kl / mu.numel())
         return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
+
+    def __getstate__(self) -> dict:
+        # The cache holds autograd graphs, which neither deepcopy nor pickle can copy.
+        state = super().__getstate__()
+        state["_kl_cache"] = {}
+        return state
 
     def extra_repr(self) -> str:
         text = f"estimator={self.estimator}"
@@ -192,6 +241,12 @@ class BayesianWeightLayer(BayesianModule):
     bias_rho: Tensor | None
     #: number of trailing spatial dimensions that share one sign per channel in flipout
     _num_spatial_dims: int = 0
+    #: implements the sample-groups hook of :mod:`torchbayes.nn.vectorized` (in ``_estimate``)
+    supports_sample_groups: bool = True
+    #: the ``torch.nn`` twin, and the constructor arguments this layer and its twin share
+    #: under the same names (``bias``, ``device`` and ``dtype`` are handled separately)
+    _torch_cls: type[nn.Module]
+    _twin_args: tuple[str, ...] = ()
 
     def _register_weight_and_bias(self, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None,
                                   device: torch.device | str | None, dtype: torch.dtype | None) -> None:
@@ -201,6 +256,65 @@ class BayesianWeightLayer(BayesianModule):
         else:
             self.register_parameter("bias_mu", None)
             self.register_parameter("bias_rho", None)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, **bayes_kwargs: Any) -> BayesianWeightLayer:
+        """The Bayesian twin of a ``torch.nn`` layer, whose posterior means are its weights.
+
+        Every constructor argument of ``module`` (stride, padding, groups, ``bias``,
+        dtype, device...) is kept, so in posterior-mean mode the new layer computes what
+        ``module`` computes (plus ``posterior_mu_init``, 0 by default). ``module`` is not
+        modified.
+
+        Args:
+            module: an instance of this layer's ``torch.nn`` twin (subclasses included).
+            **bayes_kwargs: ``prior_mu``, ``prior_sigma``, ``posterior_mu_init``,
+                ``posterior_rho_init``, ``estimator``, ``prior``.
+
+        Returns:
+            A new layer, in ``module``'s training mode, with ``requires_grad`` of its
+            posterior parameters copied from ``module``'s weight.
+
+        Example:
+            >>> BayesLinear.from_torch(nn.Linear(4, 2), estimator="flipout")
+        """
+        if not isinstance(module, cls._torch_cls):
+            raise TypeError(f"{cls.__name__}.from_torch: module must be a torch.nn."
+                            f"{cls._torch_cls.__name__}, got {type(module).__name__}")
+        weight = module.weight
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise ValueError(f"{cls.__name__}.from_torch: {type(module).__name__} is not "
+                             "initialised yet (lazy module); run one forward pass first")
+        args = {name: getattr(module, name) for name in cls._twin_args}
+        layer = cls(**args, bias=module.bias is not None, device=weight.device,  # type: ignore[call-arg]
+                    dtype=weight.dtype, **bayes_kwargs)
+        with torch.no_grad():
+            for name, mu, rho, _ in layer.variational_parameters():
+                mu.copy_(getattr(module, name))
+                if layer.posterior_mu_init:
+                    mu.add_(layer.posterior_mu_init)
+                mu.requires_grad_(weight.requires_grad)
+                rho.requires_grad_(weight.requires_grad)
+        return layer.train(module.training)
+
+    def to_torch(self) -> nn.Module:
+        """A plain ``torch.nn`` layer whose weights are this layer's posterior means.
+
+        Returns:
+            A new module of this layer's twin type (same constructor arguments, device,
+            dtype and training mode); this layer is not modified.
+
+        Example:
+            >>> BayesConv2d(3, 8, 3, padding=1).to_torch()
+            Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
+        """
+        args = {name: getattr(self, name) for name in self._twin_args}
+        module = self._torch_cls(**args, bias=self.bias_mu is not None,
+                                 device=self.weight_mu.device, dtype=self.weight_mu.dtype)
+        with torch.no_grad():
+            for name, mu, _, _ in self.variational_parameters():
+                getattr(module, name).copy_(mu)
+        return module.train(self.training)
 
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -215,6 +329,9 @@ class BayesianWeightLayer(BayesianModule):
     def _estimate(self, input: Tensor, op: Op) -> Tensor:
         if self.deterministic:
             return op(input, self.weight_mu, self.bias_mu)
+        groups = vectorized.active_sample_groups()
+        if groups is not None:  # several Monte Carlo samples in this pass (torchbayes.predict)
+            return vectorized.forward_sample_groups(self, input, op, groups)
         if self.estimator == "reparameterization":
             return self._forward_reparameterization(input, op)
         if self.estimator == "flipout":
@@ -222,8 +339,8 @@ class BayesianWeightLayer(BayesianModule):
         return self._forward_local(input, op)
 
     def _forward_reparameterization(self, x: Tensor, op: Op) -> Tensor:
-        weight = BF.sample_gaussian(self.weight_mu, self.weight_rho)
-        bias = None if self.bias_mu is None else BF.sample_gaussian(self.bias_mu, self.bias_rho)
+        weight = self._draw("weight", "sample")
+        bias = None if self.bias_mu is None else self._draw("bias", "sample")
         return op(x, weight, bias)
 
     def _sign_shape(self, t: Tensor) -> tuple[int, ...]:
@@ -234,8 +351,8 @@ class BayesianWeightLayer(BayesianModule):
 
     def _forward_flipout(self, x: Tensor, op: Op) -> Tensor:
         mean = op(x, self.weight_mu, self.bias_mu)
-        delta_w = BF.sample_perturbation(self.weight_rho)
-        delta_b = None if self.bias_rho is None else BF.sample_perturbation(self.bias_rho)
+        delta_w = self._draw("weight", "perturbation")
+        delta_b = None if self.bias_rho is None else self._draw("bias", "perturbation")
         sign_in = noise.random_signs(self._sign_shape(x), x)
         perturbation = op(x * sign_in, delta_w, delta_b)
         sign_out = noise.random_signs(self._sign_shape(perturbation), perturbation)
@@ -243,8 +360,8 @@ class BayesianWeightLayer(BayesianModule):
 
     def _forward_local(self, x: Tensor, op: Op) -> Tensor:
         mean = op(x, self.weight_mu, self.bias_mu)
-        var_w = BF.softplus(self.weight_rho).square()
-        var_b = None if self.bias_rho is None else BF.softplus(self.bias_rho).square()
+        var_w = self._draw("weight", "variance")
+        var_b = None if self.bias_rho is None else self._draw("bias", "variance")
         # Clamp keeps sqrt's gradient finite where the input (hence the variance) is 0.
         std = op(x * x, var_w, var_b).clamp_min(1e-16).sqrt()
         return torch.addcmul(mean, std, noise.randn(mean.shape, mean))

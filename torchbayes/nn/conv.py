@@ -40,6 +40,8 @@ class _BayesConvNd(BayesianWeightLayer):
     """Shared implementation of the Bayesian (transposed) convolutions."""
 
     _torch_cls: type[nn.modules.conv._ConvNd]
+    _twin_args = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                  "dilation", "groups", "padding_mode")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
                  padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
@@ -106,6 +108,7 @@ class _BayesConvTransposeNd(_BayesConvNd):
     """Transposed convolutions: ``forward`` also takes torch's ``output_size``."""
 
     _conv_transpose: Any
+    _twin_args = _BayesConvNd._twin_args + ("output_padding",)
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
                  padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,

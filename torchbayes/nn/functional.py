@@ -1,10 +1,13 @@
 """Functional building blocks of mean-field Gaussian variational inference.
 
 The posterior of every Bayesian weight is ``N(mu, sigma^2)`` with ``sigma = softplus(rho)``.
-Sampling and the closed-form KL are written as autograd functions with analytic
-gradients: each makes one pass over weight-sized memory forward and one backward, with
-no autograd graph of intermediate temporaries. This is where most of a Bayesian
-training step's overhead over a deterministic one lives.
+Sampling and the closed-form KL are autograd functions with analytic gradients, so each
+makes a few passes over weight-sized memory instead of recording a graph of temporaries.
+:func:`posterior_draw` goes further and computes a draw and the KL together: they share
+``softplus(rho)`` forward and ``sigmoid(rho)`` backward, which is where most of a Bayesian
+training step's overhead over a deterministic one lives. Under ``torch.compile`` /
+``torch.export`` the same functions run as plain differentiable ops, which the compiler
+fuses itself.
 """
 
 from __future__ import annotations
@@ -24,10 +27,20 @@ __all__ = [
     "sample_gaussian",
     "sample_perturbation",
     "gaussian_kl",
+    "gaussian_entropy_sum",
+    "posterior_draw",
+    "KLToken",
+    "DRAW_KINDS",
 ]
 
 # Below this rho, softplus(rho) = exp(rho) to float precision, so log(sigma) = rho.
 _LOG_SOFTPLUS_LINEAR_BELOW = -20.0
+# Above this rho, softplus(rho) does not underflow in float32, so log(sigma) is finite.
+_SOFTPLUS_SAFE_LOG_ABOVE = -80.0
+
+#: What :func:`posterior_draw` returns: a weight sample ``mu + sigma * eps``, a zero-mean
+#: ``perturbation`` ``sigma * eps`` (flipout), or the ``variance`` ``sigma^2`` (local).
+DRAW_KINDS: tuple[str, ...] = ("sample", "perturbation", "variance")
 
 
 def softplus(rho: Tensor) -> Tensor:
@@ -49,39 +62,148 @@ def inverse_softplus(sigma: Tensor, min_sigma: float = 1e-12) -> Tensor:
     softplus equals ``min_sigma``.
 
     Args:
-        sigma: positive standard deviations.
+        sigma: non-negative standard deviations.
         min_sigma: floor applied before inversion.
 
     Returns:
         ``rho`` of the same shape and dtype.
+
+    Example:
+        >>> rho = inverse_softplus(torch.tensor([0.0, 1e-3, 50.0]))
     """
     s = sigma.clamp_min(min_sigma)
     return s + torch.log(-torch.expm1(-s))
 
 
-class _GaussianSample(torch.autograd.Function):
-    """``w = mu + softplus(rho) * eps`` with ``eps ~ N(0, I)``; ``mu`` may be omitted.
+def _sum_log_sigma(rho: Tensor, sigma: Tensor) -> Tensor:
+    # One cheap reduction decides whether the plain log is safe (the usual case), which
+    # saves two weight-sized passes of log_softplus's where().
+    if rho.device.type == "cpu" and float(rho.min()) > _SOFTPLUS_SAFE_LOG_ABOVE:
+        return torch.log(sigma).sum()
+    return log_softplus(rho).sum()
 
-    Backward: ``dL/dmu = g`` and ``dL/drho = g * eps * sigmoid(rho)``.
+
+def _kl_sum(rho: Tensor, sigma: Tensor, diff: Tensor, sigma_p: Tensor) -> tuple[Tensor, Tensor]:
+    """Closed-form KL summed over weights, and ``1 / sigma_p^2`` for the backward pass.
+
+    ``KL = log sigma_p - log sigma_q + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2``.
+    """
+    inv_var_p = sigma_p.square().reciprocal_()
+    quad = torch.addcmul(sigma.square(), diff, diff)
+    numel = rho.numel()
+    if inv_var_p.numel() == 1:  # scalar prior: reduce first, scale once
+        total = quad.sum() * (0.5 * inv_var_p.reshape(())) + numel * (torch.log(sigma_p).reshape(()) - 0.5)
+    else:
+        total = (quad.mul_(inv_var_p).sum() * 0.5
+                 + torch.log(sigma_p).expand(rho.shape).sum() - 0.5 * numel)
+    return total - _sum_log_sigma(rho, sigma), inv_var_p
+
+
+def _kl_grad_rho_over_sigmoid(sigma: Tensor, inv_var_p: Tensor, g: Tensor) -> Tensor:
+    """``g * dKL/dsigma = g * (sigma / sigma_p^2 - 1 / sigma)`` (times sigmoid(rho) gives dKL/drho)."""
+    return sigma.reciprocal().mul_(-g).addcmul_(sigma, g * inv_var_p)
+
+
+class KLToken:
+    """Marks whether the KL of one :func:`posterior_draw` has been back-propagated.
+
+    A layer caches the KL computed with its forward draw; once backward has run through
+    that draw, its saved tensors are gone and the cached KL must not be reused.
+    """
+
+    __slots__ = ("consumed",)
+
+    def __init__(self) -> None:
+        self.consumed = False
+
+
+class _PosteriorDraw(torch.autograd.Function):
+    """A draw from ``N(mu, softplus(rho)^2)`` (see :data:`DRAW_KINDS`) and, optionally, the KL.
+
+    Backward: with ``s = sigmoid(rho)``,
+    ``dL/dmu  = g_out [sample] + g_kl (mu - mu_p) / sigma_p^2`` and
+    ``dL/drho = s * (g_out * eps [sample, perturbation] or 2 sigma g_out [variance]
+    + g_kl (sigma / sigma_p^2 - 1 / sigma))``.
     """
 
     @staticmethod
-    def forward(ctx, mu: Tensor | None, rho: Tensor) -> Tensor:  # type: ignore[override]
-        eps = noise.randn(rho.shape, rho)
+    def forward(ctx, mu: Tensor, rho: Tensor, mu_p: Tensor | None, sigma_p: Tensor | None,  # type: ignore[override]
+                kind: str, token: KLToken | None) -> tuple[Tensor, Tensor | None]:
+        ctx.set_materialize_grads(False)
         sigma = F.softplus(rho)
-        out = sigma.mul_(eps) if mu is None else torch.addcmul(mu, sigma, eps)
-        ctx.save_for_backward(rho, eps)
-        ctx.has_mu = mu is not None
-        return out
+        eps = None
+        if kind == "variance":
+            out = sigma.square()
+        else:
+            eps = noise.randn(rho.shape, rho)
+            out = torch.addcmul(mu, sigma, eps) if kind == "sample" else sigma * eps
+        kl = diff = inv_var_p = None
+        if sigma_p is not None:
+            diff = mu - mu_p
+            kl, inv_var_p = _kl_sum(rho, sigma, diff, sigma_p)
+        ctx.kind, ctx.token = kind, token
+        ctx.save_for_backward(rho, sigma, eps, diff, inv_var_p)
+        return out, kl
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        rho, eps = ctx.saved_tensors
-        grad_rho = None
-        if ctx.needs_input_grad[1]:
-            grad_rho = torch.sigmoid(rho).mul_(eps).mul_(grad)
-        grad_mu = grad if ctx.has_mu and ctx.needs_input_grad[0] else None
-        return grad_mu, grad_rho
+    def backward(ctx, g_out: Tensor | None, g_kl: Tensor | None):  # type: ignore[override]
+        rho, sigma, eps, diff, inv_var_p = ctx.saved_tensors
+        if ctx.token is not None:
+            ctx.token.consumed = True
+        grad_mu = grad_rho = None
+        if g_out is not None:
+            grad_mu = g_out if ctx.kind == "sample" else None
+            grad_rho = eps * g_out if eps is not None else sigma * (2.0 * g_out)
+        if g_kl is not None and diff is not None:
+            kl_mu = diff * (g_kl * inv_var_p)
+            grad_mu = kl_mu if grad_mu is None else kl_mu.add_(grad_mu)
+            kl_rho = _kl_grad_rho_over_sigmoid(sigma, inv_var_p, g_kl)
+            grad_rho = kl_rho if grad_rho is None else grad_rho.add_(kl_rho)
+        if grad_rho is not None:
+            grad_rho = grad_rho.mul_(torch.sigmoid(rho))
+        if grad_mu is not None and grad_mu.shape != rho.shape:
+            grad_mu = grad_mu.expand(rho.shape)
+        return grad_mu, grad_rho, None, None, None, None
+
+
+def _plain_draw(mu: Tensor, rho: Tensor, kind: str) -> Tensor:
+    # Differentiable ops only: what torch.compile / torch.export trace and fuse.
+    sigma = F.softplus(rho)
+    if kind == "variance":
+        return sigma.square()
+    eps = noise.randn(rho.shape, rho)
+    return mu + sigma * eps if kind == "sample" else sigma * eps
+
+
+def posterior_draw(mu: Tensor, rho: Tensor, kind: str = "sample", prior_mu: Tensor | None = None,
+                   prior_sigma: Tensor | None = None, token: KLToken | None = None
+                   ) -> tuple[Tensor, Tensor | None]:
+    """A draw from the posterior, fused with the Gaussian-prior KL when a prior is given.
+
+    Args:
+        mu: posterior means.
+        rho: posterior scale parameters (``sigma = softplus(rho)``), same shape.
+        kind: ``"sample"`` (``mu + sigma * eps``), ``"perturbation"`` (``sigma * eps``)
+            or ``"variance"`` (``sigma^2``, no noise).
+        prior_mu, prior_sigma: a Gaussian prior broadcastable to ``mu``; when given, the
+            closed-form KL summed over weights is returned too, sharing the work.
+        token: a :class:`KLToken` marked once backward has run through this draw.
+
+    Returns:
+        ``(draw, kl)`` with ``kl = None`` when no prior was given.
+
+    Example:
+        >>> w, kl = posterior_draw(mu, rho, "sample", torch.tensor(0.0), torch.tensor(1.0))
+    """
+    if kind not in DRAW_KINDS:
+        raise ValueError(f"kind must be one of {DRAW_KINDS}, got {kind!r}")
+    if torch.compiler.is_compiling():
+        draw = _plain_draw(mu, rho, kind)
+        kl = None if prior_sigma is None else gaussian_kl(mu, rho, prior_mu, prior_sigma)
+        return draw, kl
+    if prior_sigma is not None:
+        prior_mu, prior_sigma = prior_mu.detach(), prior_sigma.detach()
+    return _PosteriorDraw.apply(mu, rho, prior_mu, prior_sigma, kind, token)
 
 
 def sample_gaussian(mu: Tensor, rho: Tensor) -> Tensor:
@@ -94,18 +216,17 @@ def sample_gaussian(mu: Tensor, rho: Tensor) -> Tensor:
     Returns:
         A sample with gradients flowing to ``mu`` and ``rho``.
     """
-    return _GaussianSample.apply(mu, rho)
+    return posterior_draw(mu, rho, "sample")[0]
 
 
 def sample_perturbation(rho: Tensor) -> Tensor:
     """One draw of the zero-mean perturbation ``softplus(rho) * eps`` (used by flipout)."""
-    return _GaussianSample.apply(None, rho)
+    return posterior_draw(rho, rho, "perturbation")[0]
 
 
 class _GaussianKL(torch.autograd.Function):
     """Closed-form ``sum KL(N(mu_q, sigma_q^2) || N(mu_p, sigma_p^2))``, ``sigma_q = softplus(rho_q)``.
 
-    ``KL = log sigma_p - log sigma_q + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2``.
     Gradients: ``d/dmu_q = (mu_q - mu_p) / sigma_p^2`` and
     ``d/drho_q = (sigma_q / sigma_p^2 - 1 / sigma_q) * sigmoid(rho_q)``.
     The prior is fixed (no gradient), as in empirical Bayes and the reference.
@@ -115,30 +236,20 @@ class _GaussianKL(torch.autograd.Function):
     def forward(ctx, mu_q: Tensor, rho_q: Tensor, mu_p: Tensor, sigma_p: Tensor) -> Tensor:  # type: ignore[override]
         sigma_q = F.softplus(rho_q)
         diff = mu_q - mu_p
-        quad = torch.addcmul(sigma_q.square(), diff, diff)
-        inv_two_var_p = sigma_p.square().reciprocal_().mul_(0.5)
-        numel = mu_q.numel()
-        if inv_two_var_p.numel() == 1:
-            total = quad.sum().mul(inv_two_var_p.reshape(())) + numel * (
-                torch.log(sigma_p).reshape(()) - 0.5
-            )
-        else:
-            total = (quad.mul_(inv_two_var_p).sum()
-                     + torch.log(sigma_p).expand_as(mu_q).sum() - 0.5 * numel)
-        total = total - log_softplus(rho_q).sum()
-        ctx.save_for_backward(rho_q, sigma_q, diff, inv_two_var_p)
+        total, inv_var_p = _kl_sum(rho_q, sigma_q, diff, sigma_p)
+        ctx.save_for_backward(rho_q, sigma_q, diff, inv_var_p)
         return total
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        rho_q, sigma_q, diff, inv_two_var_p = ctx.saved_tensors
-        inv_var_p = inv_two_var_p * 2.0
+        rho_q, sigma_q, diff, inv_var_p = ctx.saved_tensors
         grad_mu = grad_rho = None
         if ctx.needs_input_grad[0]:
-            grad_mu = diff.mul(inv_var_p).mul_(grad)
+            grad_mu = diff * (grad * inv_var_p)
+            if grad_mu.shape != rho_q.shape:
+                grad_mu = grad_mu.expand(rho_q.shape)
         if ctx.needs_input_grad[1]:
-            dsigma = (sigma_q * inv_var_p).sub_(sigma_q.reciprocal())
-            grad_rho = dsigma.mul_(torch.sigmoid(rho_q)).mul_(grad)
+            grad_rho = _kl_grad_rho_over_sigmoid(sigma_q, inv_var_p, grad).mul_(torch.sigmoid(rho_q))
         return grad_mu, grad_rho, None, None
 
 
@@ -162,12 +273,16 @@ def gaussian_kl(
         >>> mu, rho = torch.zeros(3), torch.zeros(3)
         >>> gaussian_kl(mu, rho, torch.tensor(0.0), torch.tensor(1.0))
     """
-    total = _GaussianKL.apply(mu_q, rho_q, mu_p.detach(), sigma_p.detach())
-    if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / mu_q.numel()
-    raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+    if torch.compiler.is_compiling():
+        sigma_q = F.softplus(rho_q)
+        elementwise = (torch.log(sigma_p) - log_softplus(rho_q)
+                       + (sigma_q.square() + (mu_q - mu_p).square()) / (2 * sigma_p.square()) - 0.5)
+        total = elementwise.sum()
+    else:
+        total = _GaussianKL.apply(mu_q, rho_q, mu_p.detach(), sigma_p.detach())
+    return total if reduction == "sum" else total / mu_q.numel()
 
 
 def gaussian_entropy_sum(rho: Tensor) -> Tensor:

@@ -45,6 +45,9 @@ class BayesLinear(BayesianWeightLayer):
         >>> layer.kl_divergence()  # summed over all weights
     """
 
+    _torch_cls = nn.Linear
+    _twin_args = ("in_features", "out_features")
+
     def __init__(
         self,
         in_features: int,

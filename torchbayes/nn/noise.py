@@ -58,7 +58,11 @@ def noise_generator(seed_or_generator: int | torch.Generator | None) -> Iterator
 def randn(shape: Sequence[int], like: Tensor) -> Tensor:
     """Standard normal noise of ``shape`` with ``like``'s dtype and device."""
     gen = _GENERATOR.get()
-    if gen is None or gen.device == like.device:
+    if gen is None:
+        # No ``generator=`` keyword: ``generator=None`` selects aten.randn.generator, which
+        # torch.export cannot trace with a symbolic batch size and ONNX cannot convert.
+        return torch.randn(shape, dtype=like.dtype, device=like.device)
+    if gen.device == like.device:
         return torch.randn(shape, dtype=like.dtype, device=like.device, generator=gen)
     # A seeded CPU generator driving an accelerator model: draw on the CPU, then move.
     return torch.randn(shape, dtype=like.dtype, generator=gen).to(like.device)
@@ -68,6 +72,8 @@ def random_signs(shape: Sequence[int], like: Tensor) -> Tensor:
     """Independent +/-1 entries (Rademacher noise) of ``shape``, as used by flipout."""
     gen = _GENERATOR.get()
     device = like.device if gen is None else gen.device
-    signs = torch.empty(shape, dtype=like.dtype, device=device).bernoulli_(0.5, generator=gen)
+    # uniform draws thresholded at 1/2: several times faster than bernoulli_ on CPU.
+    extra = {} if gen is None else {"generator": gen}
+    signs = torch.rand(shape, dtype=like.dtype, device=device, **extra).lt_(0.5)
     signs = signs.mul_(2.0).sub_(1.0)
     return signs if signs.device == like.device else signs.to(like.device)

@@ -1,0 +1,327 @@
+"""Training a deterministic or Bayesian classifier, and its checkpoints.
+
+The Bayesian model is the deterministic architecture converted with
+:func:`torchbayes.dnn_to_bnn`, optionally initialised by MOPED from a trained
+deterministic model, and trained on the ELBO (one Monte Carlo sample per step),
+optionally plus the AvUC loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchbayes.cli.models import build_model
+from torchbayes.cli.progress import progress_bar
+from torchbayes.datasets import DatasetSplits
+from torchbayes.elbo import elbo_loss, kl_divergence
+from torchbayes.nn import ESTIMATORS, posterior_mean
+
+__all__ = ["TrainConfig", "EpochSummary", "build_classifier", "train_classifier", "accuracy_of",
+           "save_checkpoint", "load_checkpoint", "CheckpointError", "Checkpoint"]
+
+#: Identifies the command-line tool's checkpoints (and their layout's version).
+CHECKPOINT_FORMAT = "torchbayes-cli-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the requested model."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (stored in its checkpoint).
+
+    Attributes:
+        dataset, data_root, image_size, ood_classes, test_fraction: the data, see
+            :func:`torchbayes.datasets.load_image_dataset`.
+        model: architecture name, see :func:`torchbayes.cli.models.build_model`.
+        bayesian: convert the architecture with ``dnn_to_bnn`` and train on the ELBO.
+        estimator, prior_mu, prior_sigma, posterior_rho_init: conversion settings (the
+            reference's ``bnn_prior_parameters`` dictionary).
+        moped, moped_delta: initialise the posterior from a deterministic model (MOPED,
+            prior means = its weights, sigma = delta * |w|).
+        epochs, batch_size, lr: Adam training; ``num_samples``: Monte Carlo samples at
+            evaluation; ``avuc``/``avuc_beta``: add the AvUC loss with this weight.
+        seed: seeds the weights, the shuffling and the weight noise.
+    """
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    image_size: int | None = None
+    ood_classes: tuple[int, ...] = ()
+    test_fraction: float = 0.25
+    model: str = "mlp"
+    bayesian: bool = True
+    estimator: str = "reparameterization"
+    prior_mu: float = 0.0
+    prior_sigma: float = 1.0
+    posterior_rho_init: float = -3.0
+    moped: bool = False
+    moped_delta: float = 0.1
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    num_samples: int = 32
+    avuc: bool = False
+    avuc_beta: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.ood_classes = tuple(int(c) for c in self.ood_classes)
+        for name in ("epochs", "batch_size", "num_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lr", "prior_sigma", "moped_delta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.estimator.lower() not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.avuc and not self.bayesian:
+            raise ValueError("avuc needs a Bayesian model (its uncertainty comes from weight samples)")
+
+    def prior_parameters(self) -> dict[str, Any]:
+        """The reference's ``bnn_prior_parameters`` dictionary for :func:`torchbayes.dnn_to_bnn`."""
+        return {"prior_mu": self.prior_mu, "prior_sigma": self.prior_sigma, "posterior_mu_init": 0.0,
+                "posterior_rho_init": self.posterior_rho_init, "type": self.estimator,
+                "moped_enable": self.moped, "moped_delta": self.moped_delta}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ood_classes"] = list(self.ood_classes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class EpochSummary:
+    """Averages over one epoch; ``kl_per_example`` is 0 for a deterministic model."""
+
+    epoch: int
+    loss: float
+    nll: float
+    kl_per_example: float
+    train_accuracy: float
+    test_accuracy: float
+    seconds: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def line(self, epochs: int) -> str:
+        """One line for the console."""
+        text = (f"epoch {self.epoch:>{len(str(epochs))}}/{epochs}  loss {self.loss:.4f}  nll {self.nll:.4f}"
+                f"  kl/N {self.kl_per_example:.4f}  train acc {100 * self.train_accuracy:5.1f}%"
+                f"  test acc {100 * self.test_accuracy:5.1f}%  {self.seconds:.1f}s")
+        return text + "".join(f"  {k} {v:.4f}" for k, v in self.extra.items())
+
+
+def _dnn_to_bnn() -> Callable[..., nn.Module]:
+    try:
+        from torchbayes.conversion import dnn_to_bnn
+    except ImportError:  # INTERIM until torchbayes.conversion lands
+        from torchbayes.cli._interim import dnn_to_bnn
+    return dnn_to_bnn
+
+
+def build_classifier(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int, *,
+                     moped_source: dict[str, Tensor] | None = None) -> nn.Module:
+    """The model ``config`` describes: deterministic, or converted to Bayesian.
+
+    Args:
+        config: the run's settings.
+        input_shape: ``(C, H, W)``; num_classes: logits.
+        moped_source: state_dict of the trained deterministic twin (required when
+            ``config.moped``); its weights become posterior and prior means.
+
+    Returns:
+        The model on the CPU.
+    """
+    model = build_model(config.model, input_shape, num_classes)
+    if not config.bayesian:
+        return model
+    if config.moped:
+        if moped_source is None:
+            raise ValueError("moped needs the deterministic model's weights (moped_source)")
+        try:
+            model.load_state_dict(moped_source)
+        except RuntimeError as e:
+            raise CheckpointError(f"the MOPED source does not fit model {config.model!r} for inputs "
+                                  f"{tuple(input_shape)} and {num_classes} classes: {_first_line(e)}") from e
+    return _dnn_to_bnn()(model, config.prior_parameters())
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return " ".join(lines[:2])[:300]
+
+
+def accuracy_of(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device) -> float:
+    """Accuracy of ``model`` (posterior means if Bayesian) on ``(x, y)``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad(), posterior_mean(model):
+        for start in range(0, len(x), batch_size):
+            logits = model(x[start:start + batch_size].to(device))
+            correct += int((logits.argmax(-1).cpu() == y[start:start + batch_size]).sum())
+    model.train(was_training)
+    return correct / max(1, len(x))
+
+
+def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig, *,
+                     device: torch.device | str = "cpu", show_progress: bool = True,
+                     on_epoch: Callable[[EpochSummary], None] | None = None) -> list[EpochSummary]:
+    """Train ``model`` in place with Adam on ``data``'s training split.
+
+    Deterministic models minimise the cross-entropy; Bayesian ones the negative ELBO
+    per example (:func:`torchbayes.elbo_loss`, one weight sample per step), plus
+    ``avuc_beta`` times the AvUC loss when ``config.avuc``.
+
+    Args:
+        model: the classifier (moved to ``device``).
+        data: the splits; the test split gives each epoch's test accuracy.
+        config: epochs, batch size, learning rate, seed, AvUC.
+        device: where to train.
+        show_progress: a progress bar per epoch on stderr.
+        on_epoch: called with each epoch's summary (e.g. to print it).
+
+    Returns:
+        One :class:`EpochSummary` per epoch.
+    """
+    device = torch.device(device)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    num_train = len(data.train_x)
+    bayesian = config.bayesian
+    avuc = _avuc_loss(config) if config.avuc else None
+    history = []
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        order = torch.randperm(num_train, generator=generator)
+        totals = {"loss": 0.0, "nll": 0.0, "avuc": 0.0, "correct": 0.0}
+        batches = range(0, num_train, config.batch_size)
+        for first in progress_bar(batches, desc=f"epoch {epoch}/{config.epochs}", enabled=show_progress,
+                                  unit="batch"):
+            idx = order[first:first + config.batch_size]
+            x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
+            logits = model(x)
+            nll = F.cross_entropy(logits, y)
+            loss = elbo_loss(nll, model, num_train) if bayesian else nll
+            if avuc is not None:
+                avuc_term = avuc(logits, y)
+                loss = loss + config.avuc_beta * avuc_term
+                totals["avuc"] += float(avuc_term) * len(idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            totals["loss"] += float(loss) * len(idx)
+            totals["nll"] += float(nll) * len(idx)
+            totals["correct"] += float((logits.argmax(-1) == y).sum())
+        kl = float(kl_divergence(model)) / num_train if bayesian else 0.0
+        summary = EpochSummary(
+            epoch=epoch, loss=totals["loss"] / num_train, nll=totals["nll"] / num_train, kl_per_example=kl,
+            train_accuracy=totals["correct"] / num_train,
+            test_accuracy=accuracy_of(model, data.test_x, data.test_y, 512, device),
+            seconds=time.perf_counter() - start,
+            extra={"avuc": totals["avuc"] / num_train} if avuc is not None else {},
+        )
+        history.append(summary)
+        if on_epoch is not None:
+            on_epoch(summary)
+    model.eval()
+    return history
+
+
+def _avuc_loss(config: TrainConfig) -> Callable[[Tensor, Tensor], Tensor]:
+    try:
+        from torchbayes.avuc import AvULoss
+    except ImportError as e:
+        raise RuntimeError("--avuc needs torchbayes.avuc, which this installation lacks") from e
+    loss = AvULoss(beta=1.0)
+    # The paper's threshold: the mean predictive entropy, here of a uniform-ish start (log C / 2).
+    threshold: list[float] = []
+
+    def avuc(logits: Tensor, labels: Tensor) -> Tensor:
+        if not threshold:
+            probs = logits.detach().softmax(-1)
+            threshold.append(float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()))
+        return loss(logits, labels, threshold[0], type=0)
+
+    return avuc
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt model, its settings and what it was trained on."""
+
+    model: nn.Module
+    config: TrainConfig
+    input_shape: tuple[int, ...]
+    num_classes: int
+    history: list[dict[str, Any]]
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: TrainConfig, input_shape: tuple[int, ...],
+                    num_classes: int, history: list[EpochSummary] = ()) -> Path:
+    """Save weights and settings; :func:`load_checkpoint` rebuilds the model from them.
+
+    Written to a temporary file first, so an existing checkpoint is never left half-written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
+        "input_shape": list(input_shape),
+        "num_classes": int(num_classes),
+        "history": [asdict(h) for h in history],
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a checkpoint written by :func:`save_checkpoint` (never unpickles code).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: not a torchbayes checkpoint, corrupted, or its weights do not
+            fit the architecture it names.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupted/truncated files fail in many ways inside torch.load
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {_first_line(e)}") from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint written by the torchbayes command")
+    config = TrainConfig.from_dict(payload["config"])
+    input_shape = tuple(int(s) for s in payload["input_shape"])
+    num_classes = int(payload["num_classes"])
+    # MOPED only shaped the initial posterior; the weights come from the state_dict.
+    model = build_classifier(replace(config, moped=False), input_shape, num_classes)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{str(path)!r} does not fit model {config.model!r}: {_first_line(e)}") from e
+    model.eval()
+    return Checkpoint(model, config, input_shape, num_classes, list(payload.get("history", [])))

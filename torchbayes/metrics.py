@@ -1,0 +1,394 @@
+"""Calibration, proper scoring rules, OOD detection and selective prediction metrics.
+
+Classification metrics take predictive probabilities ``probs`` of shape ``(N, C)``
+(for a Bayesian model, the Monte Carlo average of the softmax outputs; rows must sum to
+one) and integer ``labels`` of shape ``(N,)``. Every metric returns a 0-D tensor on the
+inputs' device.
+
+Calibration bins follow Guo et al. (2017): ``n_bins`` equal-width bins
+``[0, 1/M], (1/M, 2/M], ..., ((M-1)/M, 1]`` of the top-class confidence. The numbers
+equal ``torchmetrics.functional.classification.multiclass_calibration_error`` except that
+torchmetrics counts a confidence of exactly 1.0 (common in float32) in an extra bin of its
+own (Lightning-AI/torchmetrics#3510) and puts confidences that fall on an inner edge in
+the upper bin; the bins are computed here because the reliability diagram
+(:mod:`torchbayes.plots`) and the adaptive variant need them.
+
+OOD detection (:func:`ood_auroc`, :func:`ood_aupr`) uses torchmetrics (extra ``metrics``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+__all__ = [
+    "CalibrationBins",
+    "accuracy",
+    "negative_log_likelihood",
+    "brier_score",
+    "calibration_bins",
+    "expected_calibration_error",
+    "maximum_calibration_error",
+    "ood_auroc",
+    "ood_aupr",
+    "risk_coverage_curve",
+    "area_under_risk_coverage",
+]
+
+#: Tolerance on ``|sum_c probs - 1|``; loose enough for float16/bfloat16 MC averages.
+PROBS_SUM_TOLERANCE = 1e-3
+
+
+def _check_labels(labels: Tensor, n: int, num_classes: int | None, device: torch.device,
+                  caller: str) -> None:
+    """Labels must be ``(n,)`` integer class indices in ``[0, num_classes)`` on ``device``."""
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() \
+            or labels.dtype == torch.bool:
+        raise TypeError(f"{caller}: labels must be an integer tensor of class indices")
+    if labels.shape != (n,):
+        raise ValueError(f"{caller}: labels must have shape ({n},) to match the predictions, "
+                         f"got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{caller}: labels are on {labels.device} but the predictions on {device}")
+    if num_classes is not None and n and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{caller}: labels must be in [0, {num_classes - 1}], got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def _check_logits(logits: Tensor, caller: str) -> None:
+    """Logits must be a float ``(N, C)`` or Monte Carlo ``(S, N, C)`` tensor with N > 0."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(f"{caller}: logits must be a floating-point tensor")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"{caller}: logits must have shape (N, C) or Monte Carlo (S, N, C), "
+                         f"got {tuple(logits.shape)}")
+    if logits.shape[-2] == 0:
+        raise ValueError(f"{caller}: logits is an empty batch (N = 0)")
+
+
+def _check_logits_labels(logits: Tensor, labels: Tensor, caller: str) -> None:
+    _check_logits(logits, caller)
+    _check_labels(labels, logits.shape[-2], logits.shape[-1], logits.device, caller)
+
+
+def _check_probs(probs: Tensor, labels: Tensor, caller: str) -> None:
+    if not isinstance(probs, Tensor) or not probs.is_floating_point():
+        raise TypeError(f"{caller}: probs must be a floating-point tensor of probabilities")
+    if probs.dim() != 2:
+        raise ValueError(f"{caller}: probs must have shape (N, C), got {tuple(probs.shape)}")
+    if probs.shape[0] == 0:
+        raise ValueError(f"{caller}: probs is an empty batch (N = 0)")
+    _check_labels(labels, probs.shape[0], probs.shape[1], probs.device, caller)
+    if not ((probs >= 0) & (probs <= 1)).all():
+        raise ValueError(f"{caller}: probs must be probabilities in [0, 1]; pass softmax(logits), not logits")
+    deviation = (probs.sum(1, dtype=torch.float64) - 1).abs().max()
+    if deviation > PROBS_SUM_TOLERANCE:
+        raise ValueError(f"{caller}: every row of probs must sum to 1 (within {PROBS_SUM_TOLERANCE}); "
+                         f"a row is off by {float(deviation):.3g}")
+
+
+def _confidence_and_correct(probs: Tensor, labels: Tensor, caller: str) -> tuple[Tensor, Tensor]:
+    _check_probs(probs, labels, caller)
+    confidence, prediction = probs.max(dim=1)
+    return confidence, prediction == labels
+
+
+def accuracy(probs: Tensor, labels: Tensor) -> Tensor:
+    """Fraction of examples whose most probable class is the label.
+
+    Args:
+        probs: ``(N, C)`` predictive probabilities.
+        labels: ``(N,)`` class indices.
+
+    Returns:
+        0-D tensor in ``[0, 1]``.
+
+    Example:
+        >>> accuracy(torch.tensor([[0.9, 0.1], [0.4, 0.6]]), torch.tensor([0, 0]))
+        tensor(0.5000)
+    """
+    _, correct = _confidence_and_correct(probs, labels, "accuracy")
+    return correct.to(probs.dtype).mean()
+
+
+def negative_log_likelihood(probs: Tensor, labels: Tensor) -> Tensor:
+    """Mean ``-log p(label)``, in nats.
+
+    A probability of exactly 0 for the label is clamped to the smallest positive normal
+    number of the dtype, so the result is large but finite.
+
+    Args:
+        probs: ``(N, C)`` predictive probabilities.
+        labels: ``(N,)`` class indices.
+
+    Returns:
+        0-D tensor >= 0.
+
+    Example:
+        >>> negative_log_likelihood(probs.mean(0), y)   # probs: (S, N, C) MC softmax outputs
+    """
+    _check_probs(probs, labels, "negative_log_likelihood")
+    p_label = probs.gather(1, labels.unsqueeze(1)).squeeze(1)
+    return -p_label.clamp_min(torch.finfo(probs.dtype).tiny).log().mean()
+
+
+def brier_score(probs: Tensor, labels: Tensor) -> Tensor:
+    """Multi-class Brier score: mean over examples of ``sum_c (p_c - 1[c = label])^2``.
+
+    In ``[0, 2]`` (Brier, 1950); scikit-learn's ``brier_score_loss`` gives the same number
+    for multi-class inputs.
+
+    Args:
+        probs: ``(N, C)`` predictive probabilities.
+        labels: ``(N,)`` class indices.
+
+    Returns:
+        0-D tensor.
+
+    Example:
+        >>> brier_score(torch.tensor([[1.0, 0.0]]), torch.tensor([1]))
+        tensor(2.)
+    """
+    _check_probs(probs, labels, "brier_score")
+    one_hot = torch.nn.functional.one_hot(labels, probs.shape[1]).to(probs.dtype)
+    return (probs - one_hot).square().sum(1).mean()
+
+
+@dataclass
+class CalibrationBins:
+    """Per-bin statistics of top-class confidence against accuracy.
+
+    Attributes:
+        edges: ``(n_bins + 1,)`` bin edges (for adaptive bins, the confidences where one
+            bin ends and the next starts; first 0, last 1).
+        counts: ``(n_bins,)`` number of examples per bin.
+        accuracy: ``(n_bins,)`` accuracy in each bin (0 where empty).
+        confidence: ``(n_bins,)`` mean confidence in each bin (0 where empty).
+    """
+
+    edges: Tensor
+    counts: Tensor
+    accuracy: Tensor
+    confidence: Tensor
+
+    @property
+    def gaps(self) -> Tensor:
+        """``|accuracy - confidence|`` per bin (0 where empty)."""
+        return (self.accuracy - self.confidence).abs()
+
+    @property
+    def expected_calibration_error(self) -> Tensor:
+        """``sum_b (n_b / N) |acc_b - conf_b|``."""
+        return (self.counts / self.counts.sum() * self.gaps).sum()
+
+    @property
+    def maximum_calibration_error(self) -> Tensor:
+        """``max_b |acc_b - conf_b|`` over non-empty bins."""
+        return self.gaps[self.counts > 0].max()
+
+
+def _check_n_bins(n_bins: int, caller: str) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise ValueError(f"{caller}: n_bins must be a positive int, got {n_bins!r}")
+
+
+def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = 15, *, adaptive: bool = False) -> CalibrationBins:
+    """Bin the examples by top-class confidence.
+
+    Args:
+        probs: ``(N, C)`` predictive probabilities.
+        labels: ``(N,)`` class indices.
+        n_bins: number of bins (15 as in Guo et al. 2017 and torchmetrics).
+        adaptive: ``False``: equal-width bins ``((b-1)/M, b/M]`` (the first closed at
+            0); ``True``: equal-mass bins, each holding ``N / n_bins`` examples (+-1) in
+            order of confidence (Nixon et al. 2019, "adaptive ECE"; examples with equal
+            confidence may be split between neighbouring bins).
+
+    Returns:
+        A :class:`CalibrationBins`.
+
+    Example:
+        >>> bins = calibration_bins(probs, y, n_bins=10); bins.expected_calibration_error
+    """
+    _check_n_bins(n_bins, "calibration_bins")
+    confidence, correct = _confidence_and_correct(probs, labels, "calibration_bins")
+    n = confidence.shape[0]
+    if adaptive:
+        confidence, order = confidence.sort()
+        correct = correct[order]
+        bin_index = torch.arange(n, device=probs.device) * n_bins // n
+        # Inner edge b is the first confidence of bin b (index ceil(b N / M)); 1 if empty.
+        starts = (torch.arange(1, n_bins, device=probs.device) * n + n_bins - 1) // n_bins
+        inner = torch.cat([confidence, confidence.new_ones(1)])[starts]
+        edges = torch.cat([confidence.new_zeros(1), inner, confidence.new_ones(1)])
+    else:
+        edges = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype, device=probs.device)
+        # right=False: a confidence equal to edge b goes to the bin that edge closes.
+        bin_index = torch.bucketize(confidence, edges[1:-1], right=False)
+    counts = torch.zeros(n_bins, dtype=probs.dtype, device=probs.device)
+    counts.index_add_(0, bin_index, torch.ones_like(confidence))
+    sum_correct = torch.zeros_like(counts).index_add_(0, bin_index, correct.to(probs.dtype))
+    sum_confidence = torch.zeros_like(counts).index_add_(0, bin_index, confidence)
+    safe_counts = counts.clamp_min(1)
+    return CalibrationBins(edges, counts, sum_correct / safe_counts, sum_confidence / safe_counts)
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15, *,
+                               adaptive: bool = False) -> Tensor:
+    """Expected calibration error ``sum_b (n_b / N) |acc_b - conf_b|``.
+
+    Args:
+        probs: ``(N, C)`` predictive probabilities.
+        labels: ``(N,)`` class indices.
+        n_bins: number of bins.
+        adaptive: equal-mass instead of equal-width bins (see :func:`calibration_bins`).
+
+    Returns:
+        0-D tensor in ``[0, 1]``.
+
+    Example:
+        >>> expected_calibration_error(torch.softmax(logits, -1), y)
+    """
+    return calibration_bins(probs, labels, n_bins, adaptive=adaptive).expected_calibration_error
+
+
+def maximum_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15, *,
+                              adaptive: bool = False) -> Tensor:
+    """Maximum calibration error ``max_b |acc_b - conf_b|`` over non-empty bins.
+
+    Args and Returns as :func:`expected_calibration_error`.
+
+    Example:
+        >>> maximum_calibration_error(torch.softmax(logits, -1), y, n_bins=10)
+    """
+    return calibration_bins(probs, labels, n_bins, adaptive=adaptive).maximum_calibration_error
+
+
+def _ood_scores(in_scores: Tensor, out_scores: Tensor, caller: str) -> tuple[Tensor, Tensor]:
+    for name, s in (("in_scores", in_scores), ("out_scores", out_scores)):
+        if not isinstance(s, Tensor) or s.dim() != 1 or s.numel() == 0:
+            raise ValueError(f"{caller}: {name} must be a non-empty 1-D tensor of uncertainty scores")
+        if not torch.isfinite(s).all():
+            raise ValueError(f"{caller}: {name} contains NaN or infinite scores")
+    if in_scores.device != out_scores.device:
+        raise ValueError(f"{caller}: in_scores and out_scores are on different devices")
+    scores = torch.cat([in_scores, out_scores]).to(torch.promote_types(in_scores.dtype, out_scores.dtype))
+    is_out = torch.cat([torch.zeros_like(in_scores, dtype=torch.long), torch.ones_like(out_scores, dtype=torch.long)])
+    return scores, is_out
+
+
+def _torchmetrics_classification():
+    try:
+        from torchmetrics.functional import classification
+    except ImportError as e:  # pragma: no cover - exercised without the extra
+        raise ImportError("OOD metrics need torchmetrics: pip install 'torchbayes[metrics]'") from e
+    return classification
+
+
+def ood_auroc(in_scores: Tensor, out_scores: Tensor) -> Tensor:
+    """Area under the ROC curve of telling out-of-distribution inputs from in-distribution
+    ones by an uncertainty score (higher = more likely OOD).
+
+    0.5 is chance, 1 perfect separation. Computed by torchmetrics' ``binary_auroc``
+    (ties counted half, like scikit-learn's ``roc_auc_score``).
+
+    Args:
+        in_scores: ``(N,)`` scores of in-distribution inputs (e.g. predictive entropy).
+        out_scores: ``(M,)`` scores of OOD inputs.
+
+    Returns:
+        0-D tensor.
+
+    Example:
+        >>> ood_auroc(predictive_entropy(p_test), predictive_entropy(p_ood))
+    """
+    scores, is_out = _ood_scores(in_scores, out_scores, "ood_auroc")
+    return _torchmetrics_classification().binary_auroc(scores, is_out)
+
+
+def ood_aupr(in_scores: Tensor, out_scores: Tensor, *, positive: Literal["out", "in"] = "out") -> Tensor:
+    """Area under the precision-recall curve (average precision) of OOD detection.
+
+    Args:
+        in_scores: ``(N,)`` uncertainty scores of in-distribution inputs.
+        out_scores: ``(M,)`` uncertainty scores of OOD inputs.
+        positive: ``"out"`` (AUPR-Out: OOD inputs are the positives, ranked by high
+            uncertainty) or ``"in"`` (AUPR-In: in-distribution inputs are the positives,
+            ranked by low uncertainty).
+
+    Returns:
+        0-D tensor; equals scikit-learn's ``average_precision_score``.
+
+    Example:
+        >>> ood_aupr(mutual_information(mc_test), mutual_information(mc_ood))
+    """
+    if positive not in ("out", "in"):
+        raise ValueError(f"ood_aupr: positive must be 'out' or 'in', got {positive!r}")
+    scores, is_out = _ood_scores(in_scores, out_scores, "ood_aupr")
+    if positive == "in":
+        scores, is_out = -scores, 1 - is_out
+    return _torchmetrics_classification().binary_average_precision(scores, is_out)
+
+
+def _check_selective(uncertainty: Tensor, correct: Tensor, caller: str) -> None:
+    if not isinstance(uncertainty, Tensor) or uncertainty.dim() != 1 or uncertainty.numel() == 0:
+        raise ValueError(f"{caller}: uncertainty must be a non-empty 1-D tensor")
+    if not isinstance(correct, Tensor) or correct.dtype != torch.bool or correct.shape != uncertainty.shape:
+        raise ValueError(f"{caller}: correct must be a bool tensor of shape {tuple(uncertainty.shape)} "
+                         "(prediction == label)")
+    if correct.device != uncertainty.device:
+        raise ValueError(f"{caller}: uncertainty and correct are on different devices")
+    if torch.isnan(uncertainty).any():
+        raise ValueError(f"{caller}: uncertainty contains NaN")
+
+
+def risk_coverage_curve(uncertainty: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+    """Risk-coverage curve of selective prediction: answer only the ``k`` most certain.
+
+    For ``k = 1 .. N`` the model answers the ``k`` inputs of lowest uncertainty; coverage
+    is ``k / N`` and risk the error rate on them. Inputs with equal uncertainty cannot be
+    told apart, so within a tie the risk is its expectation over their order (linear
+    between the tie's ends); the curve does not depend on how ties are sorted.
+
+    Args:
+        uncertainty: ``(N,)`` uncertainty scores (e.g. predictive entropy, ``1 - max p``).
+        correct: ``(N,)`` bools, whether each prediction is right.
+
+    Returns:
+        ``(coverage, risk)``, float64 tensors of shape ``(N,)``.
+
+    Example:
+        >>> cov, risk = risk_coverage_curve(entropy, probs.argmax(1) == y)
+    """
+    _check_selective(uncertainty, correct, "risk_coverage_curve")
+    n = uncertainty.numel()
+    _, group, group_size = torch.unique(uncertainty, sorted=True, return_inverse=True, return_counts=True)
+    group_errors = torch.zeros(group_size.shape, dtype=torch.float64, device=uncertainty.device)
+    group_errors.index_add_(0, group, (~correct).to(torch.float64))
+    group_end = group_size.cumsum(0)
+    errors_before = group_errors.cumsum(0) - group_errors  # errors of all lower-uncertainty groups
+    k = torch.arange(1, n + 1, device=uncertainty.device)
+    g = torch.searchsorted(group_end, k)  # the group the k-th answered input belongs to
+    taken = (k - (group_end[g] - group_size[g])).to(torch.float64)
+    errors = errors_before[g] + taken * group_errors[g] / group_size[g]
+    k = k.to(torch.float64)
+    return k / n, errors / k
+
+
+def area_under_risk_coverage(uncertainty: Tensor, correct: Tensor) -> Tensor:
+    """AURC: mean risk over coverages ``1/N .. 1`` (Geifman et al. 2019); lower is better.
+
+    Args and tie handling as :func:`risk_coverage_curve`.
+
+    Returns:
+        0-D float64 tensor in ``[0, 1]``.
+
+    Example:
+        >>> area_under_risk_coverage(entropy, probs.argmax(1) == y)
+    """
+    _, risk = risk_coverage_curve(uncertainty, correct)
+    return risk.mean()

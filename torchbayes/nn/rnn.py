@@ -1,0 +1,486 @@
+"""Bayesian recurrent layers: :class:`BayesLSTM` and :class:`BayesGRU`.
+
+Both mirror ``torch.nn.LSTM`` / ``torch.nn.GRU`` argument for argument and return
+exactly what they return, with a mean-field Gaussian posterior over every weight and
+bias (``weight_ih_l0_mu``, ``weight_ih_l0_rho``, ``weight_hh_l0_reverse_mu``...; the
+names are torch's with ``_mu``/``_rho`` appended).
+
+One weight sample is drawn per forward pass and shared by all time steps of the
+sequence, so each sequence is processed by one network drawn from the posterior
+(Fortunato et al., 2017), not by a fresh network at every step.
+
+* ``reparameterization`` (and posterior-mean mode) hands the sampled weights to
+  PyTorch's own fused recurrence (``torch._VF.lstm`` / ``torch._VF.gru``), so the time
+  loop runs in C++ and the result is bit-for-bit what ``torch.nn.LSTM`` computes with
+  those weights. Gradients reach ``mu`` and ``rho`` through the sampled weights.
+* ``flipout`` gives each example its own pseudo-independent weight sample,
+  ``W_b = mu + diag(r_b) (sigma * eps) diag(s_b)``, with sign vectors ``s_b``, ``r_b``
+  drawn once per example and forward and shared by all time steps. The input
+  projections of all time steps take one matmul; only the hidden-to-hidden products run
+  in a Python loop over time.
+* ``local`` reparameterization is not offered: it samples pre-activations
+  independently at every time step, which is not the distribution of a recurrent
+  network whose weights are shared across time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, _VF, nn
+
+from torchbayes.nn import functional as BF
+from torchbayes.nn import noise
+from torchbayes.nn.base import BayesianModule
+from torchbayes.priors import GaussianPrior, Prior
+
+__all__ = ["BayesLSTM", "BayesGRU"]
+
+#: Estimators the recurrent layers implement (see the module docstring for ``local``).
+RNN_ESTIMATORS: tuple[str, ...] = ("reparameterization", "flipout")
+
+LSTMState = tuple[Tensor, Tensor]
+
+
+class _Projection:
+    """``x -> x W^T + b`` for one posterior draw; with flipout, one draw per example.
+
+    For flipout the draw of example ``b`` is ``W_b = mu + diag(r_b) dW diag(s_b)``
+    (``b`` likewise), evaluated as ``x mu^T + ((x * s) dW^T) * r`` without forming
+    ``W_b``. ``s`` and ``r`` are drawn once, with one row per example, and broadcast over
+    any leading (time) dimensions, so every time step sees the same weights.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, delta_weight: Tensor | None = None,
+                 delta_bias: Tensor | None = None, batch_size: int = 0) -> None:
+        self.weight = weight
+        self.bias = bias
+        self.flipout = delta_weight is not None
+        if self.flipout:
+            assert delta_weight is not None
+            self.delta_weight_t = delta_weight.t()
+            self.sign_in = noise.random_signs((batch_size, weight.shape[1]), weight)
+            self.sign_out = noise.random_signs((batch_size, weight.shape[0]), weight)
+            # The bias part of each example's draw does not depend on x: fold it once.
+            const = self.sign_out * delta_bias if delta_bias is not None else None
+            if bias is not None:
+                const = bias.expand(batch_size, -1) if const is None else const + bias
+            self.const = const
+        self.weight_t = weight.t()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.flipout:
+            return F.linear(x, self.weight, self.bias)
+        if self.const is None:
+            mean = x @ self.weight_t
+        elif x.dim() == 2:
+            mean = torch.addmm(self.const, x, self.weight_t)
+        else:
+            mean = x @ self.weight_t + self.const
+        return torch.addcmul(mean, (x * self.sign_in) @ self.delta_weight_t, self.sign_out)
+
+
+class _BayesRNNBase(BayesianModule):
+    """Shared implementation of :class:`BayesLSTM` and :class:`BayesGRU`."""
+
+    _torch_cls: type[nn.RNNBase]
+    _num_gates: int
+    _fused: Callable[..., Any]
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        prior_mu: float | Tensor = 0.0,
+        prior_sigma: float | Tensor = 1.0,
+        posterior_mu_init: float = 0.0,
+        posterior_rho_init: float = -3.0,
+        estimator: str = "reparameterization",
+        prior: Prior | None = None,
+    ) -> None:
+        super().__init__(prior_mu=prior_mu, prior_sigma=prior_sigma,
+                         posterior_mu_init=posterior_mu_init,
+                         posterior_rho_init=posterior_rho_init, estimator=estimator, prior=prior)
+        self._check_estimator()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
+                            ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        # The meta-device twin validates the rest exactly as torch does and names the weights.
+        twin = self._torch_cls(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                               dropout=dropout, bidirectional=bidirectional, device="meta")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.dropout = float(twin.dropout)
+        self.bidirectional = bool(bidirectional)
+        self._flat_weights_names: list[str] = list(twin._flat_weights_names)
+        for name in self._flat_weights_names:
+            self.register_variational(name, tuple(getattr(twin, name).shape), device=device, dtype=dtype)
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- set-up
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def reset_parameters(self) -> None:
+        """Means as ``torch.nn.LSTM``/``GRU`` initialises its weights, then the posterior offsets."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for _, mu, _, _ in self.variational_parameters():
+            nn.init.uniform_(mu, -bound, bound)
+        self.reset_variational_parameters()
+
+    def _check_estimator(self) -> None:
+        if self.estimator not in RNN_ESTIMATORS:
+            raise ValueError(f"{type(self).__name__} supports estimator in {RNN_ESTIMATORS}, got "
+                             f"{self.estimator!r} (local reparameterization would resample the "
+                             f"weights shared across time steps independently at every step)")
+
+    def _weight_names(self, layer: int, direction: int) -> tuple[str, str, str | None, str | None]:
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        if not self.bias:
+            return f"weight_ih{suffix}", f"weight_hh{suffix}", None, None
+        return f"weight_ih{suffix}", f"weight_hh{suffix}", f"bias_ih{suffix}", f"bias_hh{suffix}"
+
+    # ----------------------------------------------------------------- weights
+    def _draw(self, name: str) -> Tensor:
+        mu = getattr(self, f"{name}_mu")
+        return mu if self.deterministic else BF.sample_gaussian(mu, getattr(self, f"{name}_rho"))
+
+    def sample_weights(self) -> dict[str, Tensor]:
+        """One draw of every weight from the posterior (the means in posterior-mean mode).
+
+        Returns:
+            ``{torch_name: tensor}`` in ``torch.nn.LSTM``/``GRU``'s flat-weight order,
+            differentiable in the posterior parameters.
+        """
+        return {name: self._draw(name) for name in self._flat_weights_names}
+
+    def _flipout_projection(self, weight: str, bias: str | None, batch_size: int) -> _Projection:
+        return _Projection(
+            getattr(self, f"{weight}_mu"), None if bias is None else getattr(self, f"{bias}_mu"),
+            BF.sample_perturbation(getattr(self, f"{weight}_rho")),
+            None if bias is None else BF.sample_perturbation(getattr(self, f"{bias}_rho")),
+            batch_size)
+
+    def _projections(self, layer: int, direction: int, batch_size: int,
+                     weights: dict[str, Tensor] | None) -> tuple[_Projection, _Projection]:
+        """Input and hidden projections of one layer and direction, for the time loop."""
+        w_ih, w_hh, b_ih, b_hh = self._weight_names(layer, direction)
+        if weights is None:  # flipout: per-example draws
+            return (self._flipout_projection(w_ih, b_ih, batch_size),
+                    self._flipout_projection(w_hh, b_hh, batch_size))
+        return (_Projection(weights[w_ih], None if b_ih is None else weights[b_ih]),
+                _Projection(weights[w_hh], None if b_hh is None else weights[b_hh]))
+
+    # ----------------------------------------------------------------- input checks
+    def _check_input(self, input: Tensor) -> bool:
+        """Validate ``input``; return whether it is batched."""
+        name = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
+        if input.dim() not in (2, 3):
+            layout = "(N, L, H_in)" if self.batch_first else "(L, N, H_in)"
+            raise ValueError(f"{name}: input must be 3-D {layout} (batch_first={self.batch_first}) or "
+                             f"2-D (L, H_in) unbatched, got shape {tuple(input.shape)}")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"{name}: input must have input_size={self.input_size} features in its last "
+                             f"dimension, got shape {tuple(input.shape)}")
+        return input.dim() == 3
+
+    def _check_state(self, state: Tensor, what: str, batched: bool, batch_size: int) -> None:
+        expected = (self.num_layers * self.num_directions,) + ((batch_size,) if batched else ()) + (
+            self.hidden_size,)
+        if not isinstance(state, Tensor):
+            raise TypeError(f"{type(self).__name__}: {what} must be a Tensor, got {type(state).__name__}")
+        if tuple(state.shape) != expected:
+            dims = "(num_layers * num_directions, N, hidden_size)" if batched else \
+                "(num_layers * num_directions, hidden_size) for unbatched input"
+            raise ValueError(f"{type(self).__name__}: {what} must have shape {dims} = {expected}, "
+                             f"got {tuple(state.shape)}")
+
+    def _zero_state(self, input: Tensor, batch_size: int) -> Tensor:
+        return torch.zeros(self.num_layers * self.num_directions, batch_size, self.hidden_size,
+                           dtype=input.dtype, device=input.device)
+
+    # ----------------------------------------------------------------- forward
+    def _run(self, input: Tensor, hx: Any) -> tuple[Tensor, Any]:
+        """Validate, draw the weights once and run the recurrence; handles unbatched input."""
+        self._check_estimator()
+        batched = self._check_input(input)
+        batch_dim = 0 if self.batch_first else 1
+        if not batched:
+            input = input.unsqueeze(batch_dim)
+        batch_size = input.shape[batch_dim]
+        states = self._initial_state(input, hx, batched, batch_size)
+        if self.deterministic or self.estimator == "reparameterization":
+            output, final = self._fused_forward(input, states, self.sample_weights())
+        else:
+            output, final = self._loop_forward(input, states, None)
+        if not batched:
+            output = output.squeeze(batch_dim)
+            final = tuple(s.squeeze(1) for s in final)
+        return output, final
+
+    def _initial_state(self, input: Tensor, hx: Any, batched: bool, batch_size: int) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _fused_forward(self, input: Tensor, states: tuple[Tensor, ...],
+                       weights: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """PyTorch's own recurrence (C++ time loop) on one draw of the weights."""
+        hx: Any = states if len(states) > 1 else states[0]
+        result = type(self)._fused(input, hx, list(weights.values()), self.bias, self.num_layers,
+                                   self.dropout, self.training, self.bidirectional, self.batch_first)
+        return result[0], tuple(result[1:])
+
+    def _loop_forward(self, input: Tensor, states: tuple[Tensor, ...], weights: dict[str, Tensor] | None,
+                      collect_cells: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The recurrence as a Python loop over time (flipout, or when cell states are needed).
+
+        Args:
+            weights: one draw shared by the batch, or ``None`` for flipout.
+            collect_cells: also return the LSTM cell state at every step (last element).
+        """
+        x = input.transpose(0, 1) if self.batch_first else input  # time-major (L, N, H_in)
+        batch_size = x.shape[1]
+        finals: list[list[Tensor]] = [[] for _ in states]
+        cells: list[Tensor] = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.num_directions):
+                index = layer * self.num_directions + direction
+                project_input, project_hidden = self._projections(layer, direction, batch_size, weights)
+                sequence = x.flip(0) if direction == 1 else x
+                # One matmul for the input projections of all time steps.
+                out, last, cell_seq = self._recurrence(project_input(sequence), project_hidden,
+                                                       tuple(s[index] for s in states), collect_cells)
+                outputs.append(out.flip(0) if direction == 1 else out)
+                if collect_cells:
+                    cells.append(cell_seq.flip(0) if direction == 1 else cell_seq)
+                for acc, s in zip(finals, last):
+                    acc.append(s)
+            x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        output = x.transpose(0, 1) if self.batch_first else x
+        final = tuple(torch.stack(acc) for acc in finals)
+        if collect_cells:
+            return output, final + (torch.cat(cells, dim=-1),)
+        return output, final
+
+    def _recurrence(self, pre: Tensor, project_hidden: _Projection, state: tuple[Tensor, ...],
+                    collect_cells: bool) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
+        """Run one layer and direction over time from precomputed input projections ``pre``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if not self.bias:
+            s += ", bias=False"
+        if self.batch_first:
+            s += ", batch_first=True"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
+        return f"{s}, {super().extra_repr()}"
+
+    # ----------------------------------------------------------------- conversion
+    @classmethod
+    def from_torch(cls, module: nn.RNNBase, *, moped_delta: float | None = None, **kwargs: Any) -> Any:
+        """Build the Bayesian twin of a ``torch.nn.LSTM``/``GRU`` with its weights as posterior means.
+
+        Args:
+            module: the deterministic recurrent layer (``proj_size`` must be 0).
+            moped_delta: if given, MOPED initialisation (Krishnan et al., 2020): posterior
+                ``N(w, (delta |w|)^2)`` and prior mean ``w`` for every weight ``w``, with
+                the prior's sigma kept from ``prior_sigma``.
+            **kwargs: the Bayesian keywords (``prior_mu``, ``prior_sigma``,
+                ``posterior_rho_init``, ``estimator``, ``prior``...).
+
+        Returns:
+            A new Bayesian layer on the module's device and dtype; ``module`` is unchanged.
+
+        Example:
+            >>> blstm = BayesLSTM.from_torch(trained_lstm, moped_delta=0.1)
+        """
+        if not isinstance(module, cls._torch_cls):
+            raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_cls.__name__}, "
+                            f"got {type(module).__name__}")
+        if getattr(module, "proj_size", 0):
+            raise ValueError(f"{cls.__name__}.from_torch: proj_size > 0 is not supported, got "
+                             f"proj_size={module.proj_size}")
+        if moped_delta is not None and not (isinstance(moped_delta, (int, float)) and moped_delta > 0):
+            raise ValueError(f"moped_delta must be a positive float, got {moped_delta!r}")
+        reference = next(module.parameters())
+        layer = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
+                    module.batch_first, module.dropout, module.bidirectional,
+                    device=reference.device, dtype=reference.dtype, **kwargs)
+        with torch.no_grad():
+            for name in layer._flat_weights_names:
+                w = getattr(module, name).detach()
+                getattr(layer, f"{name}_mu").copy_(w)
+                if moped_delta is not None:
+                    getattr(layer, f"{name}_rho").copy_(BF.inverse_softplus(moped_delta * w.abs()))
+                    layer.set_prior(name, GaussianPrior(w.clone(), getattr(layer, f"{name}_prior").sigma))
+        layer.train(module.training)
+        return layer
+
+    def to_torch(self) -> nn.RNNBase:
+        """The deterministic ``torch.nn`` twin carrying the posterior means.
+
+        Returns:
+            A new ``torch.nn.LSTM``/``GRU`` (same hyperparameters, device and dtype).
+        """
+        mu = next(self.parameters())
+        twin = self._torch_cls(self.input_size, self.hidden_size, self.num_layers, bias=self.bias,
+                               batch_first=self.batch_first, dropout=self.dropout,
+                               bidirectional=self.bidirectional, device=mu.device, dtype=mu.dtype)
+        with torch.no_grad():
+            for name in self._flat_weights_names:
+                getattr(twin, name).copy_(getattr(self, f"{name}_mu"))
+        twin.train(self.training)
+        return twin
+
+
+def _variational_names_doc(twin: str) -> str:
+    return f"""
+    Args:
+        input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+        device, dtype: as in ``torch.nn.{twin}`` (``proj_size`` is not supported).
+        prior_mu, prior_sigma, posterior_mu_init, posterior_rho_init, prior:
+            see :class:`~torchbayes.nn.BayesianModule`.
+        estimator: ``"reparameterization"`` (one weight draw per forward, shared by the
+            batch; runs PyTorch's fused recurrence) or ``"flipout"`` (one
+            pseudo-independent draw per sequence of the batch; Python time loop).
+
+    Attributes:
+        weight_ih_l[k]_mu, weight_ih_l[k]_rho, weight_hh_l[k]_mu, ...: posterior
+            parameters named and shaped like ``torch.nn.{twin}``'s parameters
+            (``_reverse`` for the backward direction), means initialised like them.
+    """
+
+
+class BayesLSTM(_BayesRNNBase):
+    __doc__ = f"""Bayesian ``torch.nn.LSTM``: a Gaussian posterior over every weight and bias.
+
+    A drop-in twin of ``torch.nn.LSTM``: same arguments, same input and state shapes,
+    same return value. One weight sample is drawn per forward pass and used at every time
+    step. With ``posterior_mean(model)`` (or sigma -> 0) it computes exactly what
+    ``torch.nn.LSTM`` computes with the posterior means as weights.
+    {_variational_names_doc("LSTM")}
+    Shape:
+        - input: :math:`(L, N, H_{{in}})`, :math:`(N, L, H_{{in}})` if ``batch_first``, or
+          :math:`(L, H_{{in}})` unbatched.
+        - hx: optional ``(h_0, c_0)``, each :math:`(D \\cdot num\\_layers, N, H)` (or without
+          ``N`` for unbatched input); zeros if omitted.
+        - output: ``(output, (h_n, c_n))`` with output :math:`(L, N, D \\cdot H)`
+          (batch first if ``batch_first``) and ``h_n``, ``c_n`` like ``h_0``.
+
+    Example:
+        >>> lstm = BayesLSTM(8, 32, num_layers=2, batch_first=True, estimator="flipout")
+        >>> out, (h_n, c_n) = lstm(torch.randn(16, 20, 8))
+        >>> out.shape, h_n.shape
+        (torch.Size([16, 20, 32]), torch.Size([2, 16, 32]))
+        >>> loss = F.mse_loss(head(out[:, -1]), y) + lstm.kl_divergence() / num_data
+    """
+
+    _torch_cls = nn.LSTM
+    _num_gates = 4
+    _fused = staticmethod(_VF.lstm)
+
+    def forward(self, input: Tensor, hx: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
+        output, (h_n, c_n) = self._run(input, hx)
+        return output, (h_n, c_n)
+
+    def _initial_state(self, input: Tensor, hx: Any, batched: bool, batch_size: int) -> tuple[Tensor, ...]:
+        if hx is None:
+            zeros = self._zero_state(input, batch_size)
+            return zeros, zeros
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise TypeError(f"{type(self).__name__}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+        self._check_state(hx[0], "h_0 (hx[0])", batched, batch_size)
+        self._check_state(hx[1], "c_0 (hx[1])", batched, batch_size)
+        return (hx[0], hx[1]) if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+
+    def _recurrence(self, pre: Tensor, project_hidden: _Projection, state: tuple[Tensor, ...],
+                    collect_cells: bool) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
+        h, c = state
+        hs, cs = [], []
+        hidden = self.hidden_size
+        for x_gates in pre.unbind(0):
+            gates = x_gates + project_hidden(h)
+            # One sigmoid over all gates (the cell gate's is unused) beats three slices.
+            act = gates.sigmoid()
+            c = torch.addcmul(act[:, hidden:2 * hidden] * c, act[:, :hidden],
+                              gates[:, 2 * hidden:3 * hidden].tanh())
+            h = act[:, 3 * hidden:] * c.tanh()
+            hs.append(h)
+            if collect_cells:
+                cs.append(c)
+        return torch.stack(hs), (h, c), torch.stack(cs) if collect_cells else None
+
+
+class BayesGRU(_BayesRNNBase):
+    __doc__ = f"""Bayesian ``torch.nn.GRU``: a Gaussian posterior over every weight and bias.
+
+    A drop-in twin of ``torch.nn.GRU``: same arguments, shapes and return value. One
+    weight sample is drawn per forward pass and used at every time step. With
+    ``posterior_mean(model)`` (or sigma -> 0) it computes exactly what ``torch.nn.GRU``
+    computes with the posterior means as weights.
+    {_variational_names_doc("GRU")}
+    Shape:
+        - input: :math:`(L, N, H_{{in}})`, :math:`(N, L, H_{{in}})` if ``batch_first``, or
+          :math:`(L, H_{{in}})` unbatched.
+        - hx: optional ``h_0`` of shape :math:`(D \\cdot num\\_layers, N, H)` (or without ``N``).
+        - output: ``(output, h_n)`` with output :math:`(L, N, D \\cdot H)`.
+
+    Example:
+        >>> gru = BayesGRU(8, 32, batch_first=True)
+        >>> out, h_n = gru(torch.randn(16, 20, 8))
+    """
+
+    _torch_cls = nn.GRU
+    _num_gates = 3
+    _fused = staticmethod(_VF.gru)
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        output, (h_n,) = self._run(input, hx)
+        return output, h_n
+
+    def _initial_state(self, input: Tensor, hx: Any, batched: bool, batch_size: int) -> tuple[Tensor, ...]:
+        if hx is None:
+            return (self._zero_state(input, batch_size),)
+        self._check_state(hx, "hx", batched, batch_size)
+        return (hx,) if batched else (hx.unsqueeze(1),)
+
+    def _recurrence(self, pre: Tensor, project_hidden: _Projection, state: tuple[Tensor, ...],
+                    collect_cells: bool) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
+        (h,) = state
+        hs = []
+        hidden = self.hidden_size
+        for x_gates in pre.unbind(0):
+            h_gates = project_hidden(h)
+            reset_update = (x_gates[:, :2 * hidden] + h_gates[:, :2 * hidden]).sigmoid()
+            candidate = torch.addcmul(x_gates[:, 2 * hidden:], reset_update[:, :hidden],
+                                      h_gates[:, 2 * hidden:]).tanh()
+            # h' = (1 - z) * n + z * h
+            h = torch.addcmul(candidate, reset_update[:, hidden:], h - candidate)
+            hs.append(h)
+        return torch.stack(hs), (h,), None
+

@@ -1,0 +1,233 @@
+"""Many Monte Carlo samples in one forward pass: sample groups.
+
+Inside a :func:`sample_groups` block, every Bayesian layer reads the first dimension of
+its input as ``G`` consecutive, equally sized blocks (``G`` = ``num_groups``) and gives
+each block its own, independent posterior draw. A model's ordinary ``forward``
+(ResNets with BatchNorm in eval mode, ``Flatten``, pooling...) therefore computes ``G``
+Monte Carlo samples at once when fed its batch tiled ``G`` times, which is what
+:func:`torchbayes.predict` does. The layers pick, per call, the cheapest exact way:
+
+* **Linear layers, one posterior draw per example** (the default): local
+  reparameterization, ``N(x mu^T + b, x^2 sigma^2^T + sigma_b^2)`` per output. For a
+  linear layer this is exactly the distribution of the output under a fresh weight
+  sample for every example, at the cost of output-sized noise. When the input is the
+  same in every group (the first Bayesian layer sees the tiled batch), its mean and
+  variance are computed once and only the noise is drawn ``G`` times. When the batch is
+  large, one weight sample per group and a batched matmul (``bmm``) draws less noise and
+  is used instead; which is cheaper is decided from the layer's sizes.
+* **Convolutions**: local reparameterization is not exact for them (positions sharing a
+  kernel would become independent), so each group gets a sampled kernel. On a shared
+  input the ``G`` kernels are stacked into one convolution with ``G`` times the output
+  channels; otherwise the groups run one after another.
+* **shared_weights**: every layer uses one weight sample per group for all examples,
+  so each group is a joint sample of the whole network (e.g. for Thompson sampling).
+
+Hook for other Bayesian modules: a :class:`~torchbayes.nn.BayesianModule` subclass
+opts in by setting the class attribute ``supports_sample_groups = True`` and, when
+:func:`active_sample_groups` returns a :class:`SampleGroups` ``g``, treating dim 0 of
+its input as ``g.num_groups`` blocks with one independent draw each (one draw per
+block for all its examples when ``g.shared_weights``). Modules that do not opt in (the
+default) make :func:`torchbayes.predict` fall back to one sample per forward pass,
+which is always correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from torchbayes.nn import functional as BF
+from torchbayes.nn import noise
+
+if TYPE_CHECKING:  # base imports this module; only the type is needed here
+    from torchbayes.nn.base import BayesianWeightLayer
+
+__all__ = ["SampleGroups", "active_sample_groups", "forward_sample_groups", "sample_groups"]
+
+Op = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+# Relative CPU costs of one Gaussian draw (randn plus the multiply-add using it) and of one
+# multiply-accumulate in a matmul, measured with 2 threads (about 8 ns and 0.045 ns); they
+# decide between output-sized noise (local) and weight-sized noise (bmm) for linear layers.
+_NOISE_COST = 180.0
+_MAC_COST = 1.0
+
+
+@dataclass
+class SampleGroups:
+    """The Monte Carlo layout of the current forward pass (see the module docstring).
+
+    Attributes:
+        num_groups: ``G``; dim 0 of every Bayesian layer's input is ``G`` blocks.
+        shared_weights: one weight sample per group for all its examples.
+        shared_input: a tensor whose ``G`` blocks are known to be identical (the tiled
+            batch); a layer whose input is this tensor (or a contiguous reshape of it)
+            computes what does not depend on the draw once.
+        cache: per-layer results on ``shared_input`` that do not depend on the draw,
+            reused across the forward passes of one prediction.
+    """
+
+    num_groups: int
+    shared_weights: bool = False
+    shared_input: Tensor | None = None
+    cache: dict[int, tuple[int, Tensor, Tensor]] = field(default_factory=dict)
+
+    def is_shared(self, x: Tensor) -> bool:
+        """Whether ``x`` occupies exactly ``shared_input``'s memory, row for row."""
+        ref = self.shared_input
+        return (ref is not None and x.data_ptr() == ref.data_ptr() and x.dtype == ref.dtype
+                and x.numel() == ref.numel() and x.dim() > 0 and x.shape[0] == ref.shape[0]
+                and x.is_contiguous() and x.device == ref.device)
+
+
+_ACTIVE: contextvars.ContextVar[SampleGroups | None] = contextvars.ContextVar(
+    "torchbayes_sample_groups", default=None)
+
+
+def active_sample_groups() -> SampleGroups | None:
+    """The :class:`SampleGroups` in force, or ``None`` outside :func:`sample_groups`."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def sample_groups(num_groups: int, *, shared_weights: bool = False,
+                  shared_input: Tensor | None = None,
+                  cache: dict[int, tuple[int, Tensor, Tensor]] | None = None) -> Iterator[SampleGroups]:
+    """Make every Bayesian layer draw ``num_groups`` independent samples per forward pass.
+
+    Args:
+        num_groups: number of blocks ``G`` of dim 0 (>= 1).
+        shared_weights: one weight sample per block shared by its examples.
+        shared_input: the tiled batch, whose blocks are identical (optional; enables the
+            first layer's shortcut).
+        cache: a dict to keep draw-independent first-layer results in across passes
+            over the same ``shared_input`` rows.
+
+    Returns:
+        A context manager yielding the :class:`SampleGroups`.
+
+    Example:
+        >>> x = batch.repeat(8, *([1] * (batch.dim() - 1)))   # 8 samples of each example
+        >>> with sample_groups(8, shared_input=x):
+        ...     out = model(x).view(8, len(batch), -1)
+    """
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
+    groups = SampleGroups(num_groups, bool(shared_weights), shared_input,
+                          {} if cache is None else cache)
+    token = _ACTIVE.set(groups)
+    try:
+        yield groups
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _weight_samples(layer: BayesianWeightLayer, num: int) -> tuple[Tensor, Tensor | None]:
+    """``num`` independent posterior draws of weight and bias, stacked along a new dim 0."""
+    def draw(mu: Tensor, rho: Tensor) -> Tensor:
+        return torch.addcmul(mu, BF.softplus(rho), noise.randn((num, *mu.shape), mu))
+    bias = None if layer.bias_mu is None else draw(layer.bias_mu, layer.bias_rho)
+    return draw(layer.weight_mu, layer.weight_rho), bias
+
+
+def forward_sample_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, groups: SampleGroups) -> Tensor:
+    """``layer``'s output on ``x`` with an independent posterior draw per group.
+
+    Args:
+        layer: a Bayesian weight layer (linear, convolution or transposed convolution).
+        x: input whose dim 0 is ``groups.num_groups`` blocks of equal size.
+        op: ``(x, weight, bias) -> output``, the layer's operation.
+        groups: the layout in force.
+
+    Returns:
+        The output, dim 0 in the same block order.
+    """
+    g = groups.num_groups
+    if x.dim() == 0 or x.shape[0] % g:
+        raise RuntimeError(
+            f"{type(layer).__name__}: predicting {g} Monte Carlo samples per pass needs the "
+            f"batch in dim 0 of every Bayesian layer's input, divisible by {g}; got input of "
+            f"shape {tuple(x.shape)}. Use predict(..., chunk_size=1) for this model.")
+    from torchbayes.nn.linear import BayesLinear  # late: linear imports base, which imports us
+
+    shared = groups.is_shared(x)
+    if isinstance(layer, BayesLinear):
+        return _linear_groups(layer, x, op, g, shared, groups)
+    if x.dim() != layer._num_spatial_dims + 2:
+        raise RuntimeError(f"{type(layer).__name__}: an unbatched input of shape {tuple(x.shape)} "
+                           "cannot hold several Monte Carlo samples; give it a batch dimension")
+    return _conv_groups(layer, x, op, g, shared)
+
+
+def _linear_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared: bool,
+                   groups: SampleGroups) -> Tensor:
+    n_in, n_out = layer.weight_mu.shape[1], layer.weight_mu.shape[0]
+    rows = x.numel() // max(n_in, 1) // g  # examples (times any extra dims) per group
+    weight_draws = g * n_in * n_out * _NOISE_COST
+    if shared:
+        x0 = x[: x.shape[0] // g]
+        local = g * rows * n_out * _NOISE_COST
+        stacked = weight_draws + g * rows * n_in * n_out * _MAC_COST
+        if groups.shared_weights or stacked < local:
+            weight, bias = _weight_samples(layer, g)
+            out = torch.nn.functional.linear(
+                x0, weight.reshape(g * n_out, n_in), None if bias is None else bias.reshape(-1))
+            out = out.unflatten(-1, (g, n_out)).movedim(-2, 0)
+            return out.reshape(x.shape[0], *out.shape[2:])
+        mean, std = _shared_local_moments(layer, x0, op, groups)
+        out = torch.addcmul(mean, std, noise.randn((g, *mean.shape), mean))
+        return out.reshape(x.shape[0], *mean.shape[1:])
+    local = g * rows * n_out * (_NOISE_COST + 2 * n_in * _MAC_COST)
+    batched = weight_draws + g * rows * n_in * n_out * _MAC_COST
+    if not groups.shared_weights and local <= batched:
+        return layer._forward_local(x, op)
+    weight, bias = _weight_samples(layer, g)
+    xg = x.reshape(g, -1, n_in)
+    if bias is None:
+        out = torch.bmm(xg, weight.transpose(1, 2))
+    else:
+        out = torch.baddbmm(bias.unsqueeze(1), xg, weight.transpose(1, 2))
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+def _shared_local_moments(layer: BayesianWeightLayer, x0: Tensor, op: Op,
+                          groups: SampleGroups) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation of a linear layer's output on one block, cached.
+
+    The cache is valid while ``shared_input`` is unmodified (its version counter, which
+    views share, is unchanged) and holds the same rows.
+    """
+    ref = groups.shared_input
+    version = ref._version if ref is not None else -1
+    entry = groups.cache.get(id(layer))
+    if entry is not None and entry[0] == version and entry[1].shape[0] == x0.shape[0]:
+        return entry[1], entry[2]
+    mean = op(x0, layer.weight_mu, layer.bias_mu)
+    var_w = BF.softplus(layer.weight_rho).square()
+    var_b = None if layer.bias_rho is None else BF.softplus(layer.bias_rho).square()
+    std = op(x0 * x0, var_w, var_b).clamp_min(0.0).sqrt()
+    groups.cache[id(layer)] = (version, mean, std)
+    return mean, std
+
+
+def _conv_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared: bool) -> Tensor:
+    # Per-group kernels for every convolution: exact, whatever the estimator.
+    weight, bias = _weight_samples(layer, g)
+    n = x.shape[0] // g
+    transposed = bool(getattr(layer, "transposed", False))
+    if shared and getattr(layer, "groups", 1) == 1:
+        # One convolution of the shared block with the g kernels stacked as output channels.
+        channel_dim = 1 if transposed else 0
+        stacked = weight.movedim(0, channel_dim).flatten(channel_dim, channel_dim + 1)
+        out = op(x[:n], stacked, None if bias is None else bias.reshape(-1))
+        out = out.unflatten(1, (g, -1)).transpose(0, 1)
+        return out.reshape(x.shape[0], *out.shape[2:])
+    blocks = [x[:n]] * g if shared else x.split(n)
+    return torch.cat([op(block, weight[i], None if bias is None else bias[i])
+                      for i, block in enumerate(blocks)])
