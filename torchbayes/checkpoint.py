@@ -220,21 +220,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _validate_against(model: nn.Module, payload: dict[str, Any], path: str) -> None:
     """Raise CheckpointError unless the checkpoint fits ``model`` exactly; changes nothing."""
-    state = payload["state_dict"]
-    current = model.state_dict()
-    missing = sorted(set(current) - set(state))
-    unexpected = sorted(set(state) - set(current))
-    if missing or unexpected:
-        raise CheckpointError(f"{path!r} does not fit the model: missing keys {missing[:10]}, "
-                              f"unexpected keys {unexpected[:10]}")
-    priors = {id(p) for _, m in iter_bayesian_modules(model) for *_, p in m.variational_parameters()}
-    adopts_shape = {f"{prefix}.{buf}" for prefix, mod in model.named_modules() if id(mod) in priors
-                    for buf, _ in mod.named_buffers(recurse=False)}
-    for key, tensor in state.items():
-        # Prior buffers may legitimately change shape (scalar -> per-weight MOPED prior).
-        if tensor.shape != current[key].shape and key not in adopts_shape:
-            raise CheckpointError(f"{path!r} does not fit the model: {key!r} has shape "
-                                  f"{tuple(tensor.shape)} in the checkpoint, {tuple(current[key].shape)} in the model")
+    # Layer and prior classes first: the most telling message when architectures differ.
     modules = dict(model.named_modules())
     for name, saved in payload.get("layers", {}).items():
         module = modules.get(name)
@@ -251,6 +237,21 @@ def _validate_against(model: nn.Module, payload: dict[str, Any], path: str) -> N
             if have != prior["class"]:
                 raise CheckpointError(f"{path!r} does not fit the model: {name}.{pname}_prior is a "
                                       f"{prior['class']} in the checkpoint but {have} in the model")
+    state = payload["state_dict"]
+    current = model.state_dict()
+    missing = sorted(set(current) - set(state))
+    unexpected = sorted(set(state) - set(current))
+    if missing or unexpected:
+        raise CheckpointError(f"{path!r} does not fit the model: missing keys {missing[:10]}, "
+                              f"unexpected keys {unexpected[:10]}")
+    priors = {id(p) for _, m in iter_bayesian_modules(model) for *_, p in m.variational_parameters()}
+    adopts_shape = {f"{prefix}.{buf}" for prefix, mod in model.named_modules() if id(mod) in priors
+                    for buf, _ in mod.named_buffers(recurse=False)}
+    for key, tensor in state.items():
+        # Prior buffers may legitimately change shape (scalar -> per-weight MOPED prior).
+        if tensor.shape != current[key].shape and key not in adopts_shape:
+            raise CheckpointError(f"{path!r} does not fit the model: {key!r} has shape "
+                                  f"{tuple(tensor.shape)} in the checkpoint, {tuple(current[key].shape)} in the model")
 
 
 def _apply(model: nn.Module, payload: dict[str, Any]) -> None:

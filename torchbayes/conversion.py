@@ -36,6 +36,7 @@ from torchbayes.nn.conv import (
     BayesConvTranspose3d,
 )
 from torchbayes.nn.linear import BayesLinear
+from torchbayes.nn.rnn import BayesGRU, BayesLSTM
 from torchbayes.priors import GaussianPrior
 
 __all__ = [
@@ -119,6 +120,7 @@ for _torch_type, _bayes_type in (
     (nn.Conv1d, BayesConv1d), (nn.Conv2d, BayesConv2d), (nn.Conv3d, BayesConv3d),
     (nn.ConvTranspose1d, BayesConvTranspose1d), (nn.ConvTranspose2d, BayesConvTranspose2d),
     (nn.ConvTranspose3d, BayesConvTranspose3d),
+    (nn.LSTM, BayesLSTM), (nn.GRU, BayesGRU),
 ):
     register_conversion(_torch_type, _bayes_type)
 

@@ -11,6 +11,7 @@ deterministic forwards cost, or much less for small batches.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -221,7 +222,7 @@ def _draw_samples(model: nn.Module, x: Tensor, num_samples: int, chunk_size: int
     chunks: list[Tensor] = []
     try:
         model.eval()
-        with torch.no_grad(), (noise.noise_generator(seed) if seed is not None else _no_context()):
+        with torch.no_grad(), (noise.noise_generator(seed) if seed is not None else contextlib.nullcontext()):
             for size in sizes:
                 rows = tiled[: size * batch]
                 with sample_groups(size, shared_weights=shared_weights, shared_input=rows, cache=cache):
@@ -237,14 +238,6 @@ def _draw_samples(model: nn.Module, x: Tensor, num_samples: int, chunk_size: int
         for m, mode in modes:
             m.training = mode
     return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-
-
-class _no_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _classification_result(samples: Tensor, outputs: str) -> ClassificationPrediction:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -19,22 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchbayes import checkpoint
+from torchbayes.avuc import AvULoss, avu_uncertainty, uncertainty_threshold
+from torchbayes.checkpoint import CheckpointError
 from torchbayes.cli.models import build_model
 from torchbayes.cli.progress import progress_bar
+from torchbayes.conversion import dnn_to_bnn
 from torchbayes.datasets import DatasetSplits
 from torchbayes.elbo import elbo_loss, kl_divergence
 from torchbayes.nn import ESTIMATORS, posterior_mean
 
 __all__ = ["TrainConfig", "EpochSummary", "build_classifier", "train_classifier", "accuracy_of",
-           "save_checkpoint", "load_checkpoint", "CheckpointError", "Checkpoint"]
-
-#: Identifies the command-line tool's checkpoints (and their layout's version).
-CHECKPOINT_FORMAT = "torchbayes-cli-checkpoint/1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or does not fit the requested model."""
-
+           "save_checkpoint", "load_checkpoint", "Checkpoint"]
 
 @dataclass
 class TrainConfig:
@@ -128,14 +124,6 @@ class EpochSummary:
         return text + "".join(f"  {k} {v:.4f}" for k, v in self.extra.items())
 
 
-def _dnn_to_bnn() -> Callable[..., nn.Module]:
-    try:
-        from torchbayes.conversion import dnn_to_bnn
-    except ImportError:  # INTERIM until torchbayes.conversion lands
-        from torchbayes.cli._interim import dnn_to_bnn
-    return dnn_to_bnn
-
-
 def build_classifier(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int, *,
                      moped_source: dict[str, Tensor] | None = None) -> nn.Module:
     """The model ``config`` describes: deterministic, or converted to Bayesian.
@@ -160,7 +148,7 @@ def build_classifier(config: TrainConfig, input_shape: tuple[int, ...], num_clas
         except RuntimeError as e:
             raise CheckpointError(f"the MOPED source does not fit model {config.model!r} for inputs "
                                   f"{tuple(input_shape)} and {num_classes} classes: {_first_line(e)}") from e
-    return _dnn_to_bnn()(model, config.prior_parameters())
+    return dnn_to_bnn(model, config.prior_parameters())
 
 
 def _first_line(error: BaseException) -> str:
@@ -207,12 +195,16 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
     generator = torch.Generator().manual_seed(config.seed)
     num_train = len(data.train_x)
     bayesian = config.bayesian
-    avuc = _avuc_loss(config) if config.avuc else None
+    avuc = AvULoss(beta=config.avuc_beta) if config.avuc else None
+    # AvUC's uncertainty threshold (Krishnan & Tickoo, 2020): first from the untrained
+    # model's training-set uncertainties, then from each epoch's (uncertainty_threshold).
+    threshold = _initial_avuc_threshold(model, data, config, device) if avuc is not None else 0.0
     history = []
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
         order = torch.randperm(num_train, generator=generator)
         totals = {"loss": 0.0, "nll": 0.0, "avuc": 0.0, "correct": 0.0}
+        seen_uncertainty, seen_correct = [], []
         batches = range(0, num_train, config.batch_size)
         for first in progress_bar(batches, desc=f"epoch {epoch}/{config.epochs}", enabled=show_progress,
                                   unit="batch"):
@@ -222,16 +214,20 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
             nll = F.cross_entropy(logits, y)
             loss = elbo_loss(nll, model, num_train) if bayesian else nll
             if avuc is not None:
-                avuc_term = avuc(logits, y)
-                loss = loss + config.avuc_beta * avuc_term
-                totals["avuc"] += float(avuc_term) * len(idx)
+                avuc_term = avuc(logits, y, threshold)
+                loss = loss + avuc_term
+                totals["avuc"] += float(avuc_term.detach()) * len(idx)
+                seen_uncertainty.append(avu_uncertainty(logits.detach()))
+                seen_correct.append(logits.detach().argmax(-1) == y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals["loss"] += float(loss) * len(idx)
-            totals["nll"] += float(nll) * len(idx)
+            totals["loss"] += float(loss.detach()) * len(idx)
+            totals["nll"] += float(nll.detach()) * len(idx)
             totals["correct"] += float((logits.argmax(-1) == y).sum())
-        kl = float(kl_divergence(model)) / num_train if bayesian else 0.0
+        if avuc is not None:
+            threshold = uncertainty_threshold(torch.cat(seen_uncertainty), torch.cat(seen_correct))
+        kl = float(kl_divergence(model).detach()) / num_train if bayesian else 0.0
         summary = EpochSummary(
             epoch=epoch, loss=totals["loss"] / num_train, nll=totals["nll"] / num_train, kl_per_example=kl,
             train_accuracy=totals["correct"] / num_train,
@@ -246,22 +242,15 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
     return history
 
 
-def _avuc_loss(config: TrainConfig) -> Callable[[Tensor, Tensor], Tensor]:
-    try:
-        from torchbayes.avuc import AvULoss
-    except ImportError as e:
-        raise RuntimeError("--avuc needs torchbayes.avuc, which this installation lacks") from e
-    loss = AvULoss(beta=1.0)
-    # The paper's threshold: the mean predictive entropy, here of a uniform-ish start (log C / 2).
-    threshold: list[float] = []
-
-    def avuc(logits: Tensor, labels: Tensor) -> Tensor:
-        if not threshold:
-            probs = logits.detach().softmax(-1)
-            threshold.append(float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()))
-        return loss(logits, labels, threshold[0], type=0)
-
-    return avuc
+def _initial_avuc_threshold(model: nn.Module, data: DatasetSplits, config: TrainConfig,
+                            device: torch.device) -> float:
+    uncertainty, correct = [], []
+    with torch.no_grad():
+        for first in range(0, len(data.train_x), 512):
+            logits = model(data.train_x[first:first + 512].to(device))
+            uncertainty.append(avu_uncertainty(logits))
+            correct.append(logits.argmax(-1).cpu() == data.train_y[first:first + 512])
+    return uncertainty_threshold(torch.cat(uncertainty).cpu(), torch.cat(correct))
 
 
 @dataclass
@@ -275,25 +264,22 @@ class Checkpoint:
     history: list[dict[str, Any]]
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, config: TrainConfig, input_shape: tuple[int, ...],
-                    num_classes: int, history: list[EpochSummary] = ()) -> Path:
-    """Save weights and settings; :func:`load_checkpoint` rebuilds the model from them.
+#: Key of the command's settings inside the checkpoint's ``extra`` dict.
+_EXTRA_KEY = "torchbayes_cli"
 
-    Written to a temporary file first, so an existing checkpoint is never left half-written.
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: TrainConfig, input_shape: tuple[int, ...],
+                    num_classes: int, history: Sequence[EpochSummary] = ()) -> Path:
+    """Save weights and settings with :func:`torchbayes.save_checkpoint` (atomically).
+
+    :func:`load_checkpoint` rebuilds the model from the architecture name, input shape
+    and class count stored beside the weights.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "config": config.to_dict(),
-        "input_shape": list(input_shape),
-        "num_classes": int(num_classes),
-        "history": [asdict(h) for h in history],
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    extra = {_EXTRA_KEY: {"config": config.to_dict(), "input_shape": list(input_shape),
+                          "num_classes": int(num_classes), "history": [asdict(h) for h in history]}}
+    checkpoint.save_checkpoint(model, path, extra=extra)
     return path
 
 
@@ -302,26 +288,21 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: not a torchbayes checkpoint, corrupted, or its weights do not
-            fit the architecture it names.
+        CheckpointError: not a checkpoint of the torchbayes command, corrupted, or its
+            weights do not fit the architecture it names.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupted/truncated files fail in many ways inside torch.load
-        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {_first_line(e)}") from e
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a checkpoint written by the torchbayes command")
-    config = TrainConfig.from_dict(payload["config"])
-    input_shape = tuple(int(s) for s in payload["input_shape"])
-    num_classes = int(payload["num_classes"])
-    # MOPED only shaped the initial posterior; the weights come from the state_dict.
-    model = build_classifier(replace(config, moped=False), input_shape, num_classes)
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{str(path)!r} does not fit model {config.model!r}: {_first_line(e)}") from e
+    payload = checkpoint.read_checkpoint(path)
+    settings = (payload.get("extra") or {}).get(_EXTRA_KEY)
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{str(path)!r} is a torchbayes checkpoint but not one written by the "
+                              "torchbayes command (no model settings in it)")
+    config = TrainConfig.from_dict(settings["config"])
+    input_shape = tuple(int(s) for s in settings["input_shape"])
+    num_classes = int(settings["num_classes"])
+    base = build_model(config.model, input_shape, num_classes)
+    # rebuild() replays the recorded dnn_to_bnn call, then loads weights and priors.
+    model = checkpoint.rebuild(path, base) if config.bayesian else base
+    if not config.bayesian:
+        checkpoint.load_checkpoint(path, model)
     model.eval()
-    return Checkpoint(model, config, input_shape, num_classes, list(payload.get("history", [])))
+    return Checkpoint(model, config, input_shape, num_classes, list(settings.get("history", [])))

@@ -17,6 +17,7 @@ Example:
 from torchbayes.layers.base import ReferenceLayer
 from torchbayes.layers.conv import *  # noqa: F403
 from torchbayes.layers.linear import *  # noqa: F403
+from torchbayes.layers.rnn import *  # noqa: F403
 from torchbayes.layers.tuple_passing import *  # noqa: F403
 
 __all__ = sorted(name for name, value in dict(globals()).items()

@@ -12,6 +12,7 @@ from torchbayes.nn.conv import (
 )
 from torchbayes.nn.linear import BayesLinear
 from torchbayes.nn.mode import posterior_mean, sampling
+from torchbayes.nn.rnn import BayesGRU, BayesLSTM
 from torchbayes.nn.noise import noise_generator
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "BayesConvTranspose1d",
     "BayesConvTranspose2d",
     "BayesConvTranspose3d",
+    "BayesGRU",
+    "BayesLSTM",
     "functional",
     "iter_bayesian_modules",
     "noise_generator",

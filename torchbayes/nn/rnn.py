@@ -36,7 +36,7 @@ from torch import Tensor, _VF, nn
 from torchbayes.nn import functional as BF
 from torchbayes.nn import noise
 from torchbayes.nn.base import BayesianModule
-from torchbayes.priors import GaussianPrior, Prior
+from torchbayes.priors import Prior
 
 __all__ = ["BayesLSTM", "BayesGRU"]
 
@@ -302,44 +302,44 @@ class _BayesRNNBase(BayesianModule):
 
     # ----------------------------------------------------------------- conversion
     @classmethod
-    def from_torch(cls, module: nn.RNNBase, *, moped_delta: float | None = None, **kwargs: Any) -> Any:
-        """Build the Bayesian twin of a ``torch.nn.LSTM``/``GRU`` with its weights as posterior means.
+    def from_torch(cls, module: nn.RNNBase, **bayes_kwargs: Any) -> Any:
+        """The Bayesian twin of a ``torch.nn.LSTM``/``GRU``, whose posterior means are its weights.
+
+        Every constructor argument (``num_layers``, ``bias``, ``batch_first``,
+        ``dropout``, ``bidirectional``, device, dtype) is kept, so in posterior-mean mode
+        the new layer computes what ``module`` computes (plus ``posterior_mu_init``, 0 by
+        default). ``module`` is not modified. The variational parameters carry torch's
+        names, so :func:`torchbayes.dnn_to_bnn` (with ``moped_enable``) and
+        :func:`torchbayes.moped` pair them with ``module``'s weights.
 
         Args:
-            module: the deterministic recurrent layer (``proj_size`` must be 0).
-            moped_delta: if given, MOPED initialisation (Krishnan et al., 2020): posterior
-                ``N(w, (delta |w|)^2)`` and prior mean ``w`` for every weight ``w``, with
-                the prior's sigma kept from ``prior_sigma``.
-            **kwargs: the Bayesian keywords (``prior_mu``, ``prior_sigma``,
-                ``posterior_rho_init``, ``estimator``, ``prior``...).
+            module: a ``torch.nn.LSTM`` (``proj_size`` 0) or ``torch.nn.GRU``, matching this class.
+            **bayes_kwargs: ``prior_mu``, ``prior_sigma``, ``posterior_mu_init``,
+                ``posterior_rho_init``, ``estimator``, ``prior``.
 
         Returns:
-            A new Bayesian layer on the module's device and dtype; ``module`` is unchanged.
+            A new layer in ``module``'s training mode, with ``requires_grad`` of its
+            posterior parameters copied from ``module``'s first weight.
 
         Example:
-            >>> blstm = BayesLSTM.from_torch(trained_lstm, moped_delta=0.1)
+            >>> BayesLSTM.from_torch(nn.LSTM(8, 32, num_layers=2), estimator="flipout")
         """
         if not isinstance(module, cls._torch_cls):
-            raise TypeError(f"{cls.__name__}.from_torch expects a torch.nn.{cls._torch_cls.__name__}, "
-                            f"got {type(module).__name__}")
+            raise TypeError(f"{cls.__name__}.from_torch: module must be a torch.nn."
+                            f"{cls._torch_cls.__name__}, got {type(module).__name__}")
         if getattr(module, "proj_size", 0):
-            raise ValueError(f"{cls.__name__}.from_torch: proj_size > 0 is not supported, got "
+            raise ValueError(f"{cls.__name__}.from_torch: LSTM projections are not supported, got "
                              f"proj_size={module.proj_size}")
-        if moped_delta is not None and not (isinstance(moped_delta, (int, float)) and moped_delta > 0):
-            raise ValueError(f"moped_delta must be a positive float, got {moped_delta!r}")
-        reference = next(module.parameters())
+        first = getattr(module, module._flat_weights_names[0])
         layer = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
                     module.batch_first, module.dropout, module.bidirectional,
-                    device=reference.device, dtype=reference.dtype, **kwargs)
+                    device=first.device, dtype=first.dtype, **bayes_kwargs)
         with torch.no_grad():
-            for name in layer._flat_weights_names:
-                w = getattr(module, name).detach()
-                getattr(layer, f"{name}_mu").copy_(w)
-                if moped_delta is not None:
-                    getattr(layer, f"{name}_rho").copy_(BF.inverse_softplus(moped_delta * w.abs()))
-                    layer.set_prior(name, GaussianPrior(w.clone(), getattr(layer, f"{name}_prior").sigma))
-        layer.train(module.training)
-        return layer
+            for name, mu, rho, _ in layer.variational_parameters():
+                mu.copy_(getattr(module, name)).add_(layer.posterior_mu_init)
+                mu.requires_grad_(first.requires_grad)
+                rho.requires_grad_(first.requires_grad)
+        return layer.train(module.training)
 
     def to_torch(self) -> nn.RNNBase:
         """The deterministic ``torch.nn`` twin carrying the posterior means.

@@ -1,0 +1,156 @@
+"""Evaluating a classifier: predictions with uncertainty and the numbers of the report.
+
+A Bayesian model predicts with :func:`torchbayes.predict` (Monte Carlo samples); a
+deterministic one with a single forward pass (its mutual information is zero by
+definition, so OOD detection by mutual information is reported for Bayesian models only).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from torchbayes import metrics
+from torchbayes.cli.progress import progress_bar
+from torchbayes.datasets import DatasetSplits
+from torchbayes.nn.base import iter_bayesian_modules
+from torchbayes.prediction import predict
+from torchbayes.uncertainty import predictive_entropy
+
+__all__ = ["Predictions", "ModelEvaluation", "predict_dataset", "evaluate_classifier", "METRIC_LABELS"]
+
+#: Metric keys of :attr:`ModelEvaluation.metrics`, with their labels in tables and reports.
+METRIC_LABELS: dict[str, str] = {
+    "accuracy": "accuracy (higher is better)",
+    "nll": "NLL (lower is better)",
+    "ece": "ECE, 15 bins (lower is better)",
+    "brier": "Brier score (lower is better)",
+    "aurc": "AURC by entropy (lower is better)",
+    "ood_auroc_entropy": "OOD AUROC by entropy (higher is better)",
+    "ood_auroc_mutual_information": "OOD AUROC by mutual information (higher is better)",
+    "predict_ms_per_image": "prediction time, ms per image",
+}
+
+
+@dataclass
+class Predictions:
+    """Predictive probabilities and uncertainties (nats) of a set of inputs.
+
+    Attributes:
+        probs: ``(N, C)`` predictive mean probabilities.
+        entropy: ``(N,)`` predictive entropy (total uncertainty).
+        mutual_information: ``(N,)`` epistemic part (zeros for a deterministic model).
+        seconds: wall-clock time the predictions took.
+    """
+
+    probs: Tensor
+    entropy: Tensor
+    mutual_information: Tensor
+    seconds: float
+
+
+@dataclass
+class ModelEvaluation:
+    """A model's predictions on the test (and OOD) inputs and the metrics computed from them."""
+
+    name: str
+    bayesian: bool
+    num_samples: int
+    test: Predictions
+    test_labels: Tensor
+    ood: Predictions | None
+    metrics: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def correct(self) -> Tensor:
+        """``(N,)`` bools: whether each test prediction is right."""
+        return self.test.probs.argmax(-1) == self.test_labels
+
+
+def _is_bayesian(model: nn.Module) -> bool:
+    return next(iter_bayesian_modules(model), None) is not None
+
+
+def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch_size: int = 256,
+                    device: torch.device | str = "cpu", seed: int = 0, show_progress: bool = True,
+                    desc: str = "predicting") -> Predictions:
+    """Predict ``x`` in batches: Monte Carlo for a Bayesian model, one pass otherwise.
+
+    Args:
+        model: a classifier returning logits.
+        x: ``(N, ...)`` inputs (on the CPU; moved batch by batch).
+        num_samples: Monte Carlo samples per input (Bayesian models).
+        batch_size: inputs per call of the model.
+        device: where the model is.
+        seed: seed of the weight noise (each batch gets ``seed + batch index``).
+        show_progress: a progress bar on stderr.
+        desc: the bar's label.
+
+    Returns:
+        :class:`Predictions` on the CPU.
+    """
+    device = torch.device(device)
+    bayesian = _is_bayesian(model)
+    model.eval()
+    probs, entropy, mi = [], [], []
+    start = time.perf_counter()
+    for i, first in enumerate(progress_bar(range(0, len(x), batch_size), desc=desc, enabled=show_progress,
+                                           unit="batch")):
+        batch = x[first:first + batch_size].to(device)
+        if bayesian:
+            result = predict(model, batch, num_samples, seed=seed + i)
+            probs.append(result.mean.cpu())
+            entropy.append(result.predictive_entropy.cpu())
+            mi.append(result.mutual_information.cpu())
+        else:
+            with torch.no_grad():
+                p = model(batch).softmax(-1).cpu()
+            probs.append(p)
+            entropy.append(predictive_entropy(p.unsqueeze(0)))
+            mi.append(torch.zeros(len(p)))
+    seconds = time.perf_counter() - start
+    return Predictions(torch.cat(probs), torch.cat(entropy), torch.cat(mi), seconds)
+
+
+def evaluate_classifier(model: nn.Module, data: DatasetSplits, *, name: str, num_samples: int = 32,
+                        batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0,
+                        show_progress: bool = True) -> ModelEvaluation:
+    """Predict ``data``'s test and OOD inputs and compute every metric of the report.
+
+    Metrics (keys of :data:`METRIC_LABELS`): accuracy, NLL, ECE (15 equal-width bins),
+    Brier score and AURC on the test split; AUROC of separating the OOD inputs from the
+    test inputs by predictive entropy and (Bayesian models) by mutual information, or
+    ``None`` without OOD inputs; prediction time per test image.
+
+    Args:
+        model: the classifier, in eval mode on ``device``.
+        data: the splits.
+        name: the model's name in tables and reports.
+        num_samples, batch_size, device, seed, show_progress: see :func:`predict_dataset`.
+
+    Returns:
+        A :class:`ModelEvaluation`.
+    """
+    bayesian = _is_bayesian(model)
+    kwargs = dict(num_samples=num_samples, batch_size=batch_size, device=device, seed=seed,
+                  show_progress=show_progress)
+    test = predict_dataset(model, data.test_x, desc=f"{name}: test", **kwargs)
+    ood = predict_dataset(model, data.ood_x, desc=f"{name}: OOD", **kwargs) if len(data.ood_x) else None
+    evaluation = ModelEvaluation(name, bayesian, num_samples if bayesian else 1, test, data.test_y, ood)
+    labels = data.test_y
+    values: dict[str, float | None] = {
+        "accuracy": metrics.accuracy(test.probs, labels),
+        "nll": metrics.negative_log_likelihood(test.probs, labels),
+        "ece": metrics.expected_calibration_error(test.probs, labels, 15),
+        "brier": metrics.brier_score(test.probs, labels),
+        "aurc": metrics.area_under_risk_coverage(test.entropy, evaluation.correct),
+        "ood_auroc_entropy": None if ood is None else metrics.ood_auroc(test.entropy, ood.entropy),
+        "ood_auroc_mutual_information": (metrics.ood_auroc(test.mutual_information, ood.mutual_information)
+                                         if ood is not None and bayesian else None),
+        "predict_ms_per_image": 1000 * test.seconds / max(1, len(data.test_x)),
+    }
+    evaluation.metrics = {k: None if v is None else float(v) for k, v in values.items()}
+    return evaluation

