@@ -114,6 +114,23 @@ def test_outputs_and_kl_equal_reference(ref_layers, name):
     torch.testing.assert_close(ours(x)[0], ref(x)[0], rtol=1e-5, atol=1e-5)  # sampling, sigma -> 0
 
 
+@pytest.mark.parametrize("name", ["LinearReparameterization", "LinearFlipout", "Conv2dReparameterization",
+                                  "Conv2dFlipout", "ConvTranspose1dReparameterization"])
+def test_kl_gradients_equal_reference(ref_layers, name):
+    ref, ours, x = _pair(ref_layers, name)
+    # The KL returned by forward (fused with the weight draw while training) must carry
+    # the reference's gradient, and kl_loss() too.
+    for kl_of in (lambda m: m(x)[1], lambda m: m.kl_loss()):
+        ref.zero_grad()
+        ours.zero_grad()
+        kl_of(ref).backward()
+        kl_of(ours).backward()
+        grads = dict(ours.named_parameters())
+        for key, p in ref.named_parameters():
+            native = {v: k for k, v in ours._reference_keys().items()}[key]
+            torch.testing.assert_close(grads[native].grad, p.grad, rtol=1e-5, atol=1e-7, msg=key)
+
+
 @pytest.mark.parametrize("name", ["LinearFlipout", "Conv2dReparameterization", "ConvTranspose1dFlipout"])
 def test_return_conventions(ref_layers, name):
     _, ours, x = _pair(ref_layers, name)

@@ -48,8 +48,8 @@ def demo_configs(quick: bool = False, seed: int = 0) -> tuple[TrainConfig, Train
     """
     if quick:
         deterministic = TrainConfig(dataset="digits", model="mlp", ood_classes=(8, 9), bayesian=False,
-                                    epochs=10, batch_size=64, lr=2e-3, num_samples=16, seed=seed)
-        bayesian_epochs = 5
+                                    epochs=6, batch_size=64, lr=2e-3, num_samples=16, seed=seed)
+        bayesian_epochs = 3
     else:
         deterministic = TrainConfig(dataset="mnist", model="lenet", ood_classes=(8, 9), bayesian=False,
                                     epochs=8, batch_size=64, lr=2e-3, num_samples=32, seed=seed)

@@ -63,7 +63,7 @@ def _conv_doc(name: str, native: str, estimator: str) -> str:
 
     Example:
         >>> layer = {name}(3, 8, 3)
-        >>> out, kl = layer(torch.randn(2, 3, *[8] * layer._num_spatial_dims))
+        >>> out, kl = layer(torch.randn(2, 3, {", ".join(["8"] * int(native[-2]))}))
     """
 
 

@@ -75,15 +75,13 @@ def inverse_softplus(sigma: Tensor, min_sigma: float = 1e-12) -> Tensor:
     return s + torch.log(-torch.expm1(-s))
 
 
-def _sum_log_sigma(rho: Tensor, sigma: Tensor) -> Tensor:
-    # One cheap reduction decides whether the plain log is safe (the usual case), which
-    # saves two weight-sized passes of log_softplus's where().
-    if rho.device.type == "cpu" and float(rho.min()) > _SOFTPLUS_SAFE_LOG_ABOVE:
-        return torch.log(sigma).sum()
-    return log_softplus(rho).sum()
+def _log_sigma_is_safe(rho: Tensor) -> bool:
+    # One cheap reduction tells whether softplus(rho) stays away from underflow (the usual
+    # case), so the plain log and 1/sigma can be used instead of their slower stable forms.
+    return rho.device.type == "cpu" and rho.numel() > 0 and float(rho.min()) > _SOFTPLUS_SAFE_LOG_ABOVE
 
 
-def _kl_sum(rho: Tensor, sigma: Tensor, diff: Tensor, sigma_p: Tensor) -> tuple[Tensor, Tensor]:
+def _kl_sum(rho: Tensor, sigma: Tensor, diff: Tensor, sigma_p: Tensor, safe: bool) -> tuple[Tensor, Tensor]:
     """Closed-form KL summed over weights, and ``1 / sigma_p^2`` for the backward pass.
 
     ``KL = log sigma_p - log sigma_q + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2``.
@@ -96,12 +94,18 @@ def _kl_sum(rho: Tensor, sigma: Tensor, diff: Tensor, sigma_p: Tensor) -> tuple[
     else:
         total = (quad.mul_(inv_var_p).sum() * 0.5
                  + torch.log(sigma_p).expand(rho.shape).sum() - 0.5 * numel)
-    return total - _sum_log_sigma(rho, sigma), inv_var_p
+    log_sigma = torch.log(sigma) if safe else log_softplus(rho)
+    return total - log_sigma.sum(), inv_var_p
 
 
-def _kl_grad_rho_over_sigmoid(sigma: Tensor, inv_var_p: Tensor, g: Tensor) -> Tensor:
-    """``g * dKL/dsigma = g * (sigma / sigma_p^2 - 1 / sigma)`` (times sigmoid(rho) gives dKL/drho)."""
-    return sigma.reciprocal().mul_(-g).addcmul_(sigma, g * inv_var_p)
+def _kl_grad_rho(rho: Tensor, sigma: Tensor, inv_var_p: Tensor, g: Tensor, sig: Tensor,
+                 safe: bool) -> Tensor:
+    """``g * dKL/drho = g * (sigma / sigma_p^2 - 1 / sigma) * sigmoid(rho)``, ``sig = sigmoid(rho)``."""
+    if safe:
+        return sigma.reciprocal().mul_(-g).addcmul_(sigma, g * inv_var_p).mul_(sig)
+    # sigmoid(rho) / softplus(rho) -> 1 as rho -> -inf, where 1/sigma alone overflows.
+    ratio = torch.exp(F.logsigmoid(rho) - log_softplus(rho))
+    return (sigma * sig).mul_(g * inv_var_p).sub_(ratio.mul_(g))
 
 
 class KLToken:
@@ -138,9 +142,11 @@ class _PosteriorDraw(torch.autograd.Function):
             eps = noise.randn(rho.shape, rho)
             out = torch.addcmul(mu, sigma, eps) if kind == "sample" else sigma * eps
         kl = diff = inv_var_p = None
+        ctx.safe = True
         if sigma_p is not None:
             diff = mu - mu_p
-            kl, inv_var_p = _kl_sum(rho, sigma, diff, sigma_p)
+            ctx.safe = _log_sigma_is_safe(rho)
+            kl, inv_var_p = _kl_sum(rho, sigma, diff, sigma_p, ctx.safe)
         ctx.kind, ctx.token = kind, token
         ctx.save_for_backward(rho, sigma, eps, diff, inv_var_p)
         return out, kl
@@ -151,18 +157,17 @@ class _PosteriorDraw(torch.autograd.Function):
         if ctx.token is not None:
             ctx.token.consumed = True
         grad_mu = grad_rho = None
+        sig = torch.sigmoid(rho)
         if g_out is not None:
             grad_mu = g_out if ctx.kind == "sample" else None
-            grad_rho = eps * g_out if eps is not None else sigma * (2.0 * g_out)
+            grad_rho = (eps * g_out if eps is not None else sigma * (2.0 * g_out)).mul_(sig)
         if g_kl is not None and diff is not None:
             kl_mu = diff * (g_kl * inv_var_p)
-            grad_mu = kl_mu if grad_mu is None else kl_mu.add_(grad_mu)
-            kl_rho = _kl_grad_rho_over_sigmoid(sigma, inv_var_p, g_kl)
+            if kl_mu.shape != rho.shape:
+                kl_mu = kl_mu.expand(rho.shape)
+            grad_mu = kl_mu if grad_mu is None else kl_mu.add(grad_mu)
+            kl_rho = _kl_grad_rho(rho, sigma, inv_var_p, g_kl, sig, ctx.safe)
             grad_rho = kl_rho if grad_rho is None else grad_rho.add_(kl_rho)
-        if grad_rho is not None:
-            grad_rho = grad_rho.mul_(torch.sigmoid(rho))
-        if grad_mu is not None and grad_mu.shape != rho.shape:
-            grad_mu = grad_mu.expand(rho.shape)
         return grad_mu, grad_rho, None, None, None, None
 
 
@@ -236,7 +241,8 @@ class _GaussianKL(torch.autograd.Function):
     def forward(ctx, mu_q: Tensor, rho_q: Tensor, mu_p: Tensor, sigma_p: Tensor) -> Tensor:  # type: ignore[override]
         sigma_q = F.softplus(rho_q)
         diff = mu_q - mu_p
-        total, inv_var_p = _kl_sum(rho_q, sigma_q, diff, sigma_p)
+        ctx.safe = _log_sigma_is_safe(rho_q)
+        total, inv_var_p = _kl_sum(rho_q, sigma_q, diff, sigma_p, ctx.safe)
         ctx.save_for_backward(rho_q, sigma_q, diff, inv_var_p)
         return total
 
@@ -249,7 +255,7 @@ class _GaussianKL(torch.autograd.Function):
             if grad_mu.shape != rho_q.shape:
                 grad_mu = grad_mu.expand(rho_q.shape)
         if ctx.needs_input_grad[1]:
-            grad_rho = _kl_grad_rho_over_sigmoid(sigma_q, inv_var_p, grad).mul_(torch.sigmoid(rho_q))
+            grad_rho = _kl_grad_rho(rho_q, sigma_q, inv_var_p, grad, torch.sigmoid(rho_q), ctx.safe)
         return grad_mu, grad_rho, None, None
 
 
