@@ -14,7 +14,7 @@ compatibility class ``torchbayes.layers.LSTMReparameterization`` (same calling
 convention as the reference; Python time loop, as it returns every cell state), and the
 reference. Ratios are reference time / torchbayes time (> 1: torchbayes is faster).
 
-Usage: ``python benchmarks/bench_rnn.py [--rounds 3]``
+Usage: ``python benchmarks/bench_rnn.py [--rounds 3] [--threads 2]``
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ def _loop_prediction(model: _Regressor, x: Tensor) -> Callable[[], Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (2 for the reported numbers)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x, y = torch.randn(BATCH, SEQUENCE, INPUT), torch.randn(BATCH, 1)
 

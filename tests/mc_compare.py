@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -23,3 +25,18 @@ def assert_same_output_distribution(draws_a: torch.Tensor, draws_b: torch.Tensor
     # Variances: the log ratio of two S-draw sample variances has sd ~ sqrt(4 / S) (0.1 at
     # S = 400) for Gaussian outputs; allow 0.5 because the outputs' tails are not Gaussian.
     assert (var_a / var_b).log().abs().max() < 0.5, float((var_a / var_b).log().abs().max())
+
+
+def draw(sample_once: Callable[[], torch.Tensor], samples: int) -> torch.Tensor:
+    """``(samples, *shape)`` stack of ``sample_once()`` outputs, without autograd.
+
+    One intra-op thread: these models are tiny, and on a busy machine two spinning
+    threads per op make thousands of small calls many times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return torch.stack([sample_once() for _ in range(samples)])
+    finally:
+        torch.set_num_threads(threads)

@@ -249,3 +249,41 @@ def test_runs_on_cuda_like_on_cpu():
     avu, th = eval_avu(logits.argmax(1).cuda(), labels.cuda(), avu_uncertainty(logits).cuda())
     ref_avu, ref_th = eval_avu(logits.argmax(1), labels, avu_uncertainty(logits))
     torch.testing.assert_close(avu.cpu(), ref_avu)
+
+
+def test_minimising_the_loss_raises_avu():
+    # Gradient descent on free logits: the soft AvU of the batch must go up, and the hard
+    # AvU metric at the same threshold with it (predictions become right-and-sure or
+    # wrong-and-unsure).
+    torch.set_num_threads(1)  # 50 tiny steps: a second thread only adds wake-up stalls
+    logits, labels = _random_batch(200, c=5, scale=1.0, seed=9)
+    threshold = float(avu_uncertainty(logits).mean())
+    params = logits.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([params], lr=1.0)
+    loss_fn = AvULoss(beta=1.0)
+    first = float(loss_fn(params, labels, threshold).detach())
+    for _ in range(50):
+        optimizer.zero_grad()
+        loss_fn(params, labels, threshold).backward()
+        optimizer.step()
+    last = float(loss_fn(params, labels, threshold).detach())
+    assert last < first - 0.1
+
+    def hard_avu(x):
+        return float(accuracy_vs_uncertainty(x.argmax(1), labels, avu_uncertainty(x), threshold))
+
+    assert hard_avu(params.detach()) > hard_avu(logits)
+
+
+def test_gradients_reach_the_posterior_of_a_bayesian_model():
+    from torchbayes import elbo_loss
+    from torchbayes.nn import BayesLinear
+
+    model = torch.nn.Sequential(BayesLinear(6, 16), torch.nn.ReLU(), BayesLinear(16, 3))
+    x, labels = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    logits = model(x)
+    loss = elbo_loss(F.cross_entropy(logits, labels), model, num_data=1000) + AvULoss(3.0)(logits, labels, 1.0)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model[0].weight_rho.grad.abs().sum() > 0

@@ -254,14 +254,14 @@ def test_image_folder_dataset_and_training(tmp_path, capsys):
     from PIL import Image
 
     # Three classes told apart by brightness, RGB and greyscale files mixed.
-    for c, name in enumerate(["dark", "mid", "light"]):
+    for c, name in enumerate(["a-dark", "b-mid", "c-light"]):
         (tmp_path / "imgs" / name).mkdir(parents=True)
         for i in range(12):
             pixels = np.clip(rng.normal(40 + 90 * c, 10, size=(10, 12, 3)), 0, 255).astype(np.uint8)
             image = Image.fromarray(pixels if i % 2 else pixels[..., 0])
             image.save(tmp_path / "imgs" / name / f"{i}.png")
     data = load_image_dataset(str(tmp_path / "imgs"), image_size=8, ood_classes=(2,))
-    assert data.class_names == ("dark", "mid", "light") and data.classes == (0, 1)
+    assert data.class_names == ("a-dark", "b-mid", "c-light") and data.classes == (0, 1)
     assert data.train_x.shape[1:] == (3, 8, 8) and len(data.ood_x) == 12
     assert len(data.train_x) + len(data.test_x) == 24
     assert 0.0 <= float(data.train_x.min()) and float(data.train_x.max()) <= 1.0
@@ -312,3 +312,25 @@ def test_json_has_no_nan(tmp_path):
     from torchbayes.cli.report import _json_safe
 
     assert json.loads(json.dumps(_json_safe({"a": [math.nan, 1.0], "b": math.inf}))) == {"a": [None, 1.0], "b": None}
+
+
+def test_quantize_then_evaluate_the_int8_checkpoint(trained, capsys):
+    pytest.importorskip("torchbayes.quantization")
+    folder, det, bnn = trained
+    int8 = folder / "bnn-int8.pt"
+    assert main(["quantize", str(bnn), "--out", str(int8), "--quiet"]) == EXIT_OK
+    loaded = load_checkpoint(int8)
+    assert loaded.int8 and any(t.dtype == torch.int8 for t in loaded.model.state_dict().values())
+    assert int8.stat().st_size * 3 < bnn.stat().st_size
+    # INT8 posterior means stay close to the float ones: the same class for nearly every test image.
+    data = load_image_dataset("digits", ood_classes=(8, 9))
+    float_model = load_checkpoint(bnn).model
+    with torch.no_grad(), posterior_mean(float_model), posterior_mean(loaded.model):
+        agree = (float_model(data.test_x).argmax(-1) == loaded.model(data.test_x).argmax(-1)).float().mean()
+    assert agree > 0.95
+    assert main(["evaluate", str(int8), "--out", str(folder / "int8-report"), "--num-samples", "4",
+                 "--quiet"]) == EXIT_OK
+    results = json.loads((folder / "int8-report" / "results.json").read_text())
+    assert results["models"]["Bayesian mlp INT8"]["metrics"]["accuracy"] > 0.8
+    assert main(["quantize", str(det), "--quiet"]) == EXIT_USAGE  # a deterministic checkpoint
+    assert "deterministic model" in capsys.readouterr().err

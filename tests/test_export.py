@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from mc_compare import assert_same_output_distribution
+from mc_compare import assert_same_output_distribution, draw
 from torchbayes import dnn_to_bnn, posterior_mean
 from torchbayes.export import export_onnx, export_program
 from torchbayes.nn import BayesianModule
@@ -34,9 +34,11 @@ def bayesian_lenet() -> nn.Module:
 
 
 def run_onnx(path, x: torch.Tensor, times: int = 1) -> torch.Tensor:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # tiny graph, many runs: see mc_compare.draw
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return torch.stack([torch.from_numpy(session.run(None, {name: x.numpy()})[0]) for _ in range(times)])
+    return draw(lambda: torch.from_numpy(session.run(None, {name: x.numpy()})[0]), times)
 
 
 def test_posterior_mean_exports_with_torch_export_and_onnx(tmp_path, digits):
@@ -56,18 +58,13 @@ def test_posterior_mean_exports_with_torch_export_and_onnx(tmp_path, digits):
     assert all(not m.deterministic for m in model.modules() if isinstance(m, BayesianModule))
 
 
-def eager_draws(model: nn.Module, x: torch.Tensor, samples: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.stack([model(x) for _ in range(samples)])
-
-
 def test_stochastic_torch_export_samples_like_eager(digits):
     model = bayesian_lenet()
     x = digits.test_x[:3]
     program = export_program(model, digits.train_x[:8], stochastic=True).module()
-    draws = eager_draws(program, x, 400)
+    draws = draw(lambda: program(x), 400)
     assert not torch.equal(draws[0], draws[1])  # one new sample per call
-    assert_same_output_distribution(draws, eager_draws(model, x, 400))
+    assert_same_output_distribution(draws, draw(lambda: model(x), 400))
 
 
 def test_stochastic_onnx_samples_like_eager(tmp_path, digits):
@@ -80,7 +77,7 @@ def test_stochastic_onnx_samples_like_eager(tmp_path, digits):
     assert {"RandomNormalLike", "RandomUniformLike"} <= ops  # Gaussian draws and flipout signs
     draws = run_onnx(tmp_path / "bnn.onnx", x, times=400)
     assert not torch.equal(draws[0], draws[1])
-    assert_same_output_distribution(draws, eager_draws(model, x, 400))
+    assert_same_output_distribution(draws, draw(lambda: model(x), 400))
 
 
 def test_export_leaves_the_model_alone_and_checks_inputs(digits):

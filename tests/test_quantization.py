@@ -94,6 +94,7 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("cls, kwargs, shape", CONV_CASES)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # torch's, float layer
 def test_conv_posterior_mean_within_quantization_error_bound(cls, kwargs, shape):
     layer = _randomize_posterior(cls(shape[1], 6, **kwargs)).eval()
     x = torch.randn(shape)
@@ -178,7 +179,9 @@ def test_vectorized_prediction_matches_one_sample_per_pass():
     assert shared.samples.shape == (8, 4, 3) and torch.isfinite(shared.samples).all()
 
 
-def _train_digits_mlp(digits_ood) -> nn.Module:
+@pytest.fixture(scope="module")
+def digits_mlp(digits_ood) -> nn.Module:
+    """A small Bayesian MLP trained on digits 0-7 (trained once for the module)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), BayesLinear(64, 64), nn.ReLU(), BayesLinear(64, 8))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -193,10 +196,10 @@ def _train_digits_mlp(digits_ood) -> nn.Module:
     return model.eval()
 
 
-def test_accuracy_calibration_and_ood_preserved_on_digits(digits_ood):
+def test_accuracy_calibration_and_ood_preserved_on_digits(digits_ood, digits_mlp):
     from torchbayes.metrics import expected_calibration_error, ood_auroc
 
-    model = _train_digits_mlp(digits_ood)
+    model = digits_mlp
     qmodel = quantize(model)
     x, y = digits_ood.test_x, digits_ood.test_y
     with posterior_mean(model), posterior_mean(qmodel):
@@ -251,8 +254,8 @@ def test_state_dict_round_trip_with_weights_only_and_is_smaller(digits_ood):
 # ------------------------------------------------------------- flows and modes
 
 
-def test_calibration_makes_outputs_independent_of_the_batch(digits_ood):
-    model = _train_digits_mlp(digits_ood)
+def test_calibration_makes_outputs_independent_of_the_batch(digits_ood, digits_mlp):
+    model = digits_mlp
     prepared = prepare(model)
     with torch.no_grad():
         prepared(digits_ood.train_x[:256])

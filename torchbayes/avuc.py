@@ -51,9 +51,9 @@ _NUM_THRESHOLDS = 21
 
 
 def _entropy_from_log_probs(log_probs: Tensor) -> Tensor:
-    # Entropy over the last dim from log-probabilities: finite (and with finite gradient)
-    # even where a probability underflows to 0, unlike -sum(p log p) on probabilities.
-    # TODO(lead): merge with torchbayes.uncertainty.predictive_entropy once it exists.
+    # Entropy over the last dim from log-probabilities, for the differentiable loss: its
+    # gradient stays finite where a softmax probability underflows to 0, whereas
+    # torchbayes.uncertainty's xlogy(p, p) on probabilities has a log(0) gradient there.
     return -(log_probs.exp() * log_probs).sum(-1)
 
 
@@ -122,8 +122,10 @@ def _avu(uncertainty: Tensor, correct: Tensor, thresholds: Tensor,
     wc = torch.as_tensor(certain_weight, dtype=uncertainty.dtype, device=uncertainty.device).expand_as(uncertainty)
     wu = torch.as_tensor(uncertain_weight, dtype=uncertainty.dtype, device=uncertainty.device).expand_as(uncertainty)
     correct = correct.to(uncertainty.dtype)
-    numerator = certain @ (wc * correct) + uncertain @ (wu * (1 - correct))
-    denominator = certain @ wc + uncertain @ wu
+    # Broadcast-and-sum rather than matmul: a (T, N) @ (N,) BLAS gemv is no faster at
+    # these sizes and its thread pool stalls badly on a busy CPU.
+    numerator = (certain * (wc * correct)).sum(-1) + (uncertain * (wu * (1 - correct))).sum(-1)
+    denominator = (certain * wc).sum(-1) + (uncertain * wu).sum(-1)
     return numerator / (denominator + eps)
 
 
@@ -151,7 +153,21 @@ def _soft_avu_inputs(logits: Tensor, labels: Tensor, type: int) -> tuple[Tensor,
     return unc, correct, weight * (1 - tanh_u), weight * tanh_u
 
 
-class AvULoss(nn.Module):
+class _AvUCLoss(nn.Module):
+    """Shared by the two AvUC losses: the weight ``beta`` and the reference's eps."""
+
+    def __init__(self, beta: float = 1.0) -> None:
+        super().__init__()
+        if not math.isfinite(beta) or beta < 0:
+            raise ValueError(f"{type(self).__name__}: beta must be a finite number >= 0, got {beta!r}")
+        self.beta = float(beta)
+        self.eps = _EPS
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}"
+
+
+class AvULoss(_AvUCLoss):
     """Accuracy versus Uncertainty Calibration loss with a fixed uncertainty threshold.
 
     ``-beta * log(AvU + 1e-10)`` with the differentiable AvU described in the module
@@ -168,13 +184,6 @@ class AvULoss(nn.Module):
         >>> avuc = AvULoss(beta=3.0)
         >>> loss = elbo_loss(F.cross_entropy(out, y), model, n) + avuc(out, y, u_th)
     """
-
-    def __init__(self, beta: float = 1.0) -> None:
-        super().__init__()
-        if not math.isfinite(beta) or beta < 0:
-            raise ValueError(f"AvULoss: beta must be a finite number >= 0, got {beta!r}")
-        self.beta = float(beta)
-        self.eps = _EPS
 
     def forward(self, logits: Tensor, labels: Tensor, optimal_uncertainty_threshold: float | Tensor,
                 type: int = 0) -> Tensor:
@@ -199,11 +208,8 @@ class AvULoss(nn.Module):
         avu = _avu(unc, correct, threshold, w_certain, w_uncertain, self.eps)[0]
         return -self.beta * torch.log(avu + self.eps)
 
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}"
 
-
-class AUAvULoss(nn.Module):
+class AUAvULoss(_AvUCLoss):
     """AvUC loss without a threshold: ``-beta * log(area under AvU(threshold))``.
 
     AvU is computed at 21 thresholds spread evenly between the smallest and the largest
@@ -222,13 +228,6 @@ class AUAvULoss(nn.Module):
         >>> loss, area = AUAvULoss(beta=3.0)(out, y)
     """
 
-    def __init__(self, beta: float = 1.0) -> None:
-        super().__init__()
-        if not math.isfinite(beta) or beta < 0:
-            raise ValueError(f"AUAvULoss: beta must be a finite number >= 0, got {beta!r}")
-        self.beta = float(beta)
-        self.eps = _EPS
-
     def forward(self, logits: Tensor, labels: Tensor, type: int = 0) -> tuple[Tensor, Tensor]:
         """Returns ``(loss, area)``: the scalar loss and the area under the AvU curve."""
         _check_logits_labels(logits, labels, "AUAvULoss")
@@ -239,9 +238,6 @@ class AUAvULoss(nn.Module):
         fractions = torch.linspace(0, 1, _NUM_THRESHOLDS, dtype=avu.dtype, device=avu.device)
         area = torch.trapezoid(avu, fractions)
         return -self.beta * torch.log(area + self.eps), area
-
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}"
 
 
 def _as_hard_inputs(pred_label: Any, true_label: Any, uncertainty: Any, caller: str) -> tuple[Tensor, Tensor]:

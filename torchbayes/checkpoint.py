@@ -212,6 +212,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     state = payload.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path!r}: the state_dict entry is missing or malformed")
+    layers = payload.get("layers")
+    if not isinstance(layers, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("class"), str) and isinstance(v.get("priors"), dict)
+            and all(isinstance(p, dict) and isinstance(p.get("hyperparameters"), dict)
+                    for p in v["priors"].values()) for v in layers.values()):
+        raise CheckpointError(f"{path!r}: the layers entry is missing or malformed")
     if _tensor_digest(state) != payload.get("sha256"):
         raise CheckpointError(f"{path!r} is corrupted: its tensors do not match the SHA-256 "
                               "digest stored when it was saved")

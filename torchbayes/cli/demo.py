@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from torchbayes.cli.evaluation import ModelEvaluation, evaluate_classifier
+from torchbayes.cli.evaluation import ModelEvaluation, describe_data, evaluate_classifier
 from torchbayes.cli.report import Report, comparison_table, write_report
 from torchbayes.cli.training import TrainConfig, build_classifier, train_classifier
 from torchbayes.datasets import load_dataset
@@ -56,8 +56,9 @@ def demo_configs(quick: bool = False, seed: int = 0) -> tuple[TrainConfig, Train
         bayesian_epochs = 5
     # MOPED from the trained weights; flipout decorrelates the examples of a batch, so the
     # ELBO's gradients are less noisy than with one weight sample shared by the batch.
+    # Prior N(w, 1) around the trained weights (MOPED's empirical Bayes, the reference's sigma).
     bayesian = replace(deterministic, bayesian=True, estimator="flipout", moped=True, moped_delta=0.1,
-                       prior_sigma=0.1, epochs=bayesian_epochs, lr=1e-3)
+                       prior_sigma=1.0, epochs=bayesian_epochs, lr=1e-3)
     return deterministic, bayesian
 
 
@@ -106,8 +107,7 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0, device:
     echo(comparison_table(evaluations))
     echo("")
     settings = {
-        "data": {"dataset": data.name, "train": len(data.train_x), "test": len(data.test_x),
-                 "ood": len(data.ood_x), "classes": list(data.classes), "ood_classes": list(data.ood_classes)},
+        "data": describe_data(data),
         "deterministic": det_config.to_dict(),
         "bayesian": bayes_config.to_dict(),
         "quick": quick,

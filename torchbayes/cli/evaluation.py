@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,8 @@ from torchbayes.nn.base import iter_bayesian_modules
 from torchbayes.prediction import predict
 from torchbayes.uncertainty import predictive_entropy
 
-__all__ = ["Predictions", "ModelEvaluation", "predict_dataset", "evaluate_classifier", "METRIC_LABELS"]
+__all__ = ["Predictions", "ModelEvaluation", "describe_data", "predict_dataset", "evaluate_classifier",
+           "METRIC_LABELS"]
 
 #: Metric keys of :attr:`ModelEvaluation.metrics`, with their labels in tables and reports.
 METRIC_LABELS: dict[str, str] = {
@@ -70,11 +72,18 @@ class ModelEvaluation:
         return self.test.probs.argmax(-1) == self.test_labels
 
 
+def describe_data(data: DatasetSplits) -> dict[str, Any]:
+    """The data's name, split sizes and classes, as plain values for reports."""
+    return {"dataset": data.name, "train": len(data.train_x), "test": len(data.test_x), "ood": len(data.ood_x),
+            "classes": list(data.classes), "ood_classes": list(data.ood_classes),
+            "class_names": list(data.class_names)}
+
+
 def _is_bayesian(model: nn.Module) -> bool:
     return next(iter_bayesian_modules(model), None) is not None
 
 
-def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch_size: int = 256,
+def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch_size: int = 128,
                     device: torch.device | str = "cpu", seed: int = 0, show_progress: bool = True,
                     desc: str = "predicting") -> Predictions:
     """Predict ``x`` in batches: Monte Carlo for a Bayesian model, one pass otherwise.
@@ -116,7 +125,7 @@ def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch
 
 
 def evaluate_classifier(model: nn.Module, data: DatasetSplits, *, name: str, num_samples: int = 32,
-                        batch_size: int = 256, device: torch.device | str = "cpu", seed: int = 0,
+                        batch_size: int = 128, device: torch.device | str = "cpu", seed: int = 0,
                         show_progress: bool = True) -> ModelEvaluation:
     """Predict ``data``'s test and OOD inputs and compute every metric of the report.
 

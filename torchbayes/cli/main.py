@@ -19,13 +19,17 @@ import contextlib
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from torchbayes.checkpoint import CheckpointError
+from torchbayes.cli.training import TrainConfig, build_classifier, load_checkpoint, save_checkpoint, train_classifier
+from torchbayes.datasets import DatasetSplits, load_image_dataset
 from torchbayes.nn import ESTIMATORS
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED"]
@@ -182,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(evaluate, required_default=None)
     evaluate.add_argument("--num-samples", type=_positive_int, default=None,
                           help="Monte Carlo samples (default: the checkpoint's)")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="default 256")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=128, help="inputs per prediction call (default 128)")
     evaluate.add_argument("--out", default="torchbayes-report", help="report folder (default ./torchbayes-report)")
     _add_common(evaluate)
 
@@ -218,18 +222,14 @@ def _run_demo(args: argparse.Namespace, console: _Console) -> int:
     return EXIT_OK
 
 
-def _load_data(args: argparse.Namespace, config_dataset: str, config_root: str | None,
-               image_size: int | None, ood_classes: Sequence[int], seed: int):
-    from torchbayes.datasets import load_image_dataset
-
+def _load_data(dataset: str, data_root: str | None, image_size: int | None, ood_classes: Sequence[int],
+               seed: int) -> DatasetSplits:
     with _input_checks("--dataset"):
-        return load_image_dataset(config_dataset, data_root=config_root, image_size=image_size,
+        return load_image_dataset(dataset, data_root=data_root, image_size=image_size,
                                   ood_classes=ood_classes, seed=seed)
 
 
 def _run_train(args: argparse.Namespace, console: _Console) -> int:
-    from torchbayes.cli.training import TrainConfig, build_classifier, load_checkpoint, save_checkpoint
-
     moped_source = None
     with _input_checks():
         config = TrainConfig(
@@ -241,7 +241,7 @@ def _run_train(args: argparse.Namespace, console: _Console) -> int:
             num_samples=args.num_samples, avuc=args.avuc, avuc_beta=args.avuc_beta, seed=args.seed)
     if args.moped is not None and not args.bayesian:
         raise BadInput("--moped initialises a Bayesian model; it cannot be combined with --deterministic")
-    data = _load_data(args, config.dataset, config.data_root, config.image_size, config.ood_classes, config.seed)
+    data = _load_data(config.dataset, config.data_root, config.image_size, config.ood_classes, config.seed)
     if args.moped is not None:
         with _input_checks("--moped"):
             source = load_checkpoint(args.moped)
@@ -262,8 +262,6 @@ def _run_train(args: argparse.Namespace, console: _Console) -> int:
     kind = "Bayesian" if config.bayesian else "deterministic"
     console(f"training a {kind} {config.model} on {data.name}: {len(data.train_x)} training, "
             f"{len(data.test_x)} test, {len(data.ood_x)} held-out images; {config.epochs} epochs")
-    from torchbayes.cli.training import train_classifier
-
     history = train_classifier(model, data, config, device=args.device, show_progress=not args.quiet,
                                on_epoch=lambda s: console(s.line(config.epochs)))
     save_checkpoint(out, model.cpu(), config, data.input_shape, data.num_classes, history)
@@ -271,24 +269,23 @@ def _run_train(args: argparse.Namespace, console: _Console) -> int:
     if args.report is not None:
         model.to(args.device)
         _evaluate_and_report(model, config, data, history=[asdict(h) for h in history], out_dir=args.report,
-                             num_samples=config.num_samples, batch_size=256, args=args, console=console)
+                             num_samples=config.num_samples, batch_size=128, args=args, console=console)
     elif args.quiet:
         print(out)
     return EXIT_OK
 
 
-def _evaluate_and_report(model, config, data, *, history, out_dir, num_samples, batch_size, args, console) -> None:
-    from torchbayes.cli.evaluation import evaluate_classifier
+def _evaluate_and_report(model: nn.Module, config: TrainConfig, data: DatasetSplits, *,
+                         history: Sequence[Mapping[str, Any]], out_dir: str, num_samples: int, batch_size: int,
+                         args: argparse.Namespace, console: _Console, int8: bool = False) -> None:
+    from torchbayes.cli.evaluation import describe_data, evaluate_classifier
     from torchbayes.cli.report import comparison_table, write_report
 
-    name = f"{'Bayesian' if config.bayesian else 'deterministic'} {config.model}"
+    name = f"{'Bayesian' if config.bayesian else 'deterministic'} {config.model}{' INT8' if int8 else ''}"
     evaluation = evaluate_classifier(model, data, name=name, num_samples=num_samples, batch_size=batch_size,
                                      device=args.device, seed=args.seed, show_progress=not args.quiet)
     console(comparison_table([evaluation]))
-    settings = {"data": {"dataset": data.name, "train": len(data.train_x), "test": len(data.test_x),
-                         "ood": len(data.ood_x), "classes": list(data.classes),
-                         "ood_classes": list(data.ood_classes)},
-                "model": config.to_dict(), "num_samples": num_samples}
+    settings = {"data": describe_data(data), "model": config.to_dict(), "num_samples": num_samples}
     report = write_report(out_dir, [evaluation], title=f"torchbayes: {name} on {data.name}",
                           settings=settings, histories={name: history})
     console(f"report: {report.html}")
@@ -297,14 +294,12 @@ def _evaluate_and_report(model, config, data, *, history, out_dir, num_samples, 
 
 
 def _run_evaluate(args: argparse.Namespace, console: _Console) -> int:
-    from torchbayes.cli.training import load_checkpoint
-
     with _input_checks("checkpoint"):
         ckpt = load_checkpoint(args.checkpoint)
     config = ckpt.config
     dataset = args.dataset or config.dataset
     same_data = args.dataset is None
-    data = _load_data(args, dataset, args.data_root or config.data_root, args.image_size or config.image_size,
+    data = _load_data(dataset, args.data_root or config.data_root, args.image_size or config.image_size,
                       config.ood_classes if args.ood_classes is None else args.ood_classes, config.seed)
     if data.input_shape != ckpt.input_shape or data.num_classes != ckpt.num_classes:
         raise BadInput(f"checkpoint {args.checkpoint!r} expects inputs {ckpt.input_shape} and "
@@ -315,28 +310,28 @@ def _run_evaluate(args: argparse.Namespace, console: _Console) -> int:
     model = ckpt.model.to(args.device)
     _evaluate_and_report(model, config, data, history=ckpt.history, out_dir=args.out,
                          num_samples=args.num_samples or config.num_samples, batch_size=args.batch_size,
-                         args=args, console=console)
+                         args=args, console=console, int8=ckpt.int8)
     return EXIT_OK
 
 
 def _run_quantize(args: argparse.Namespace, console: _Console) -> int:
-    try:
-        from torchbayes.quantization import quantize
-    except ImportError:
-        raise RuntimeError("this torchbayes has no torchbayes.quantization module (INT8 support)") from None
-    from torchbayes.cli.training import load_checkpoint
+    from torchbayes.quantization import quantize
 
     with _input_checks("checkpoint"):
         ckpt = load_checkpoint(args.checkpoint)
-    if not ckpt.config.bayesian:
-        raise BadInput(f"checkpoint {args.checkpoint!r} holds a deterministic model; quantize expects a "
-                       "Bayesian one")
+    if not ckpt.config.bayesian or ckpt.int8:
+        what = "an INT8 model already" if ckpt.int8 else "a deterministic model"
+        raise BadInput(f"checkpoint {args.checkpoint!r} holds {what}; quantize expects a Bayesian float one")
     config = ckpt.config
-    data = _load_data(args, config.dataset, config.data_root, config.image_size, config.ood_classes, config.seed)
-    out = Path(args.out or Path(args.checkpoint).with_name(Path(args.checkpoint).stem + "-int8.pt"))
+    data = _load_data(config.dataset, config.data_root, config.image_size, config.ood_classes, config.seed)
+    source = Path(args.checkpoint)
+    out = Path(args.out or source.with_name(source.stem + "-int8" + source.suffix))
+    # Static activation ranges from training images (what the model saw), not test ones.
     quantized = quantize(ckpt.model.eval(), data.train_x[: args.calibration_samples])
-    torch.save(quantized.state_dict(), out)
-    console(f"INT8 model: {out}")
+    save_checkpoint(out, quantized, config, ckpt.input_shape, ckpt.num_classes, ckpt.history, int8=True)
+    sizes = source.stat().st_size, out.stat().st_size
+    console(f"INT8 model: {out} ({sizes[1] / 1e6:.2f} MB, {sizes[0] / sizes[1]:.1f}x smaller than "
+            f"{source}); evaluate it with: torchbayes evaluate {out}")
     if args.quiet:
         print(out)
     return EXIT_OK

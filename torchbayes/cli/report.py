@@ -114,7 +114,7 @@ def _make_figures(evaluations: Sequence[ModelEvaluation], images: Path) -> list[
             scores.append(("mutual information", e.test.mutual_information, e.ood.mutual_information, "mi"))
         for label, inside, outside, key in scores:
             path = images / f"uncertainty-{key}-{slug}.png"
-            plots.uncertainty_histogram(inside, outside, label=f"{e.name}: {label}", path=path)
+            plots.uncertainty_histogram(inside, outside, label=label, path=path)
             figures.append(Figure("Uncertainty on in- and out-of-distribution inputs", f"{e.name}: {label}",
                                   f"{label.capitalize()} of the test inputs (classes seen in training) and of "
                                   "the held-out classes; the less the histograms overlap, the better the "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ from torchbayes.cli.progress import progress_bar
 from torchbayes.conversion import dnn_to_bnn
 from torchbayes.datasets import DatasetSplits
 from torchbayes.elbo import elbo_loss, kl_divergence
-from torchbayes.nn import ESTIMATORS, posterior_mean
+from torchbayes.nn import posterior_mean
+from torchbayes.nn.base import canonical_estimator
 
 __all__ = ["TrainConfig", "EpochSummary", "build_classifier", "train_classifier", "accuracy_of",
            "save_checkpoint", "load_checkpoint", "Checkpoint"]
@@ -81,8 +82,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if self.estimator.lower() not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        self.estimator = canonical_estimator(self.estimator)
         if self.avuc and not self.bayesian:
             raise ValueError("avuc needs a Bayesian model (its uncertainty comes from weight samples)")
 
@@ -262,6 +262,7 @@ class Checkpoint:
     input_shape: tuple[int, ...]
     num_classes: int
     history: list[dict[str, Any]]
+    int8: bool = False
 
 
 #: Key of the command's settings inside the checkpoint's ``extra`` dict.
@@ -269,16 +270,28 @@ _EXTRA_KEY = "torchbayes_cli"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: TrainConfig, input_shape: tuple[int, ...],
-                    num_classes: int, history: Sequence[EpochSummary] = ()) -> Path:
+                    num_classes: int, history: Sequence[EpochSummary | Mapping[str, Any]] = (), *,
+                    int8: bool = False) -> Path:
     """Save weights and settings with :func:`torchbayes.save_checkpoint` (atomically).
 
     :func:`load_checkpoint` rebuilds the model from the architecture name, input shape
     and class count stored beside the weights.
+
+    Args:
+        path: the file.
+        model: the trained model (or its INT8 version, with ``int8=True``).
+        config, input_shape, num_classes: what the model was built and trained with.
+        history: the training epochs (summaries or their dicts).
+        int8: ``model`` was quantized with :func:`torchbayes.quantization.quantize`.
+
+    Returns:
+        ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    epochs = [h if isinstance(h, Mapping) else asdict(h) for h in history]
     extra = {_EXTRA_KEY: {"config": config.to_dict(), "input_shape": list(input_shape),
-                          "num_classes": int(num_classes), "history": [asdict(h) for h in history]}}
+                          "num_classes": int(num_classes), "history": epochs, "int8": int8}}
     checkpoint.save_checkpoint(model, path, extra=extra)
     return path
 
@@ -299,10 +312,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     config = TrainConfig.from_dict(settings["config"])
     input_shape = tuple(int(s) for s in settings["input_shape"])
     num_classes = int(settings["num_classes"])
-    base = build_model(config.model, input_shape, num_classes)
-    # rebuild() replays the recorded dnn_to_bnn call, then loads weights and priors.
-    model = checkpoint.rebuild(path, base) if config.bayesian else base
-    if not config.bayesian:
+    int8 = bool(settings.get("int8", False))
+    if int8:
+        # Same architecture, quantized; every INT8 tensor and range is then loaded.
+        from torchbayes.quantization import quantize
+
+        model = quantize(build_classifier(replace(config, moped=False), input_shape, num_classes).eval())
+        checkpoint.load_checkpoint(path, model)
+    elif config.bayesian:
+        # rebuild() replays the recorded dnn_to_bnn call, then loads weights and priors.
+        model = checkpoint.rebuild(path, build_model(config.model, input_shape, num_classes))
+    else:
+        model = build_model(config.model, input_shape, num_classes)
         checkpoint.load_checkpoint(path, model)
     model.eval()
-    return Checkpoint(model, config, input_shape, num_classes, list(settings.get("history", [])))
+    return Checkpoint(model, config, input_shape, num_classes, list(settings.get("history", [])), int8)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from torchbayes.layers.base import (
@@ -38,6 +40,28 @@ _REFERENCE_KEYS = {
 }
 
 LSTMReturn = tuple[Tensor, tuple[Tensor, Tensor], Tensor] | tuple[Tensor, tuple[Tensor, Tensor]]
+
+
+def _cell_sequence(x: Tensor, hidden_seq: Tensor, h0: Tensor, c0: Tensor, weights: dict[str, Tensor]) -> Tensor:
+    """Every step's LSTM cell state, recovered from the hidden states of the fused kernel.
+
+    Given all hidden states, the gates of all steps take two matmuls, and the cell
+    states are a cheap elementwise scan ``c_t = f_t * c_{t-1} + i_t * g_t``; much faster
+    than running the recurrence in Python. Gradients flow through ``hidden_seq`` too.
+    Batch-first shapes: ``x (N, L, H_in)``, ``hidden_seq (N, L, H)``, ``h0``/``c0`` ``(N, H)``.
+    """
+    previous = torch.cat([h0.unsqueeze(1), hidden_seq[:, :-1]], dim=1)
+    gates = (F.linear(x, weights["weight_ih_l0"], weights.get("bias_ih_l0"))
+             + F.linear(previous, weights["weight_hh_l0"], weights.get("bias_hh_l0")))
+    hidden = h0.shape[-1]
+    act = gates.sigmoid()  # gate order i, f, g, o as in torch
+    forget = act[..., hidden:2 * hidden]
+    write = act[..., :hidden] * gates[..., 2 * hidden:3 * hidden].tanh()
+    cells, c = [], c0
+    for t in range(x.shape[1]):
+        c = torch.addcmul(write[:, t], forget[:, t], c)
+        cells.append(c)
+    return torch.stack(cells, dim=1)
 
 
 def _lstm_doc(name: str, estimator: str) -> str:
@@ -84,6 +108,8 @@ def _lstm_doc(name: str, estimator: str) -> str:
 class _ReferenceLSTM(BayesLSTM):
     __signature__: ClassVar = _LSTM_SIGNATURE
     _estimator: ClassVar[str]
+    # forward runs the cell-collecting loop on one draw: predict() samples pass by pass.
+    supports_sample_groups = False
 
     # The reference's initialisation and KL, shared with the other front doors.
     reset_parameters = ReferenceLayer.reset_parameters
@@ -145,10 +171,14 @@ class _ReferenceLSTM(BayesLSTM):
             # The reference's states have no layer dimension: (N, H) -> (1, N, H).
             hx = (hidden_states[0].unsqueeze(0), hidden_states[1].unsqueeze(0))
         states = self._initial_state(X, hx, True, X.shape[0])
-        # The loop, not the fused kernel: the reference returns every step's cell state.
-        weights = None if self.estimator == "flipout" and not self.deterministic else self.sample_weights()
-        hidden_seq, (_, _, c_seq) = self._loop_forward(X, states, weights, collect_cells=True)
-        c_seq = c_seq.transpose(0, 1)  # time-major from the loop -> (N, L, H)
+        if self.estimator == "flipout" and not self.deterministic:
+            # The time loop records every step's cell state (time-major).
+            hidden_seq, (_, _, c_seq) = self._loop_forward(X, states, collect_cells=True)
+            c_seq = c_seq.transpose(0, 1)
+        else:
+            weights = self.sample_weights()
+            hidden_seq, _ = self._fused_forward(X, states, weights)
+            c_seq = _cell_sequence(X, hidden_seq, states[0][0], states[1][0], weights)
         if return_kl and not self.dnn_to_bnn_flag:
             return hidden_seq, (hidden_seq, c_seq), self.kl_loss() * X.shape[1]
         return hidden_seq, (hidden_seq, c_seq)

@@ -80,7 +80,7 @@ def quantize_activation(x: Tensor, value_range: tuple[float, float] | None = Non
         element is at most ``scale / 2``.
     """
     if value_range is None:
-        low_t, high_t = torch.aminmax(x)
+        low_t, high_t = torch.aminmax(x.detach())
         low, high = float(low_t), float(high_t)
     else:
         low, high = value_range
