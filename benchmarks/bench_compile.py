@@ -44,13 +44,15 @@ def resnet18() -> tuple[nn.Module, tuple[int, ...]]:
     return torchvision.models.resnet18(num_classes=10), (3, 32, 32)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    times = []
+def paired_medians(eager: Callable[[], object], compiled: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median seconds of each, timed alternately so that load changes hit both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, sink in ((eager, times[0]), (compiled, times[1])):
+            start = time.perf_counter()
+            fn()
+            sink.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def bench(name: str, factory: Callable[[], tuple[nn.Module, tuple[int, ...]]], estimator: str,
@@ -78,11 +80,10 @@ def bench(name: str, factory: Callable[[], tuple[nn.Module, tuple[int, ...]]], e
         compiled(x)  # no-grad forward: a second graph
         compile_predict = time.perf_counter() - start
     train_step(eager, eager, opt_e)  # warm-up
-    t_train_e = median_seconds(lambda: train_step(eager, eager, opt_e), repeats)
-    t_train_c = median_seconds(lambda: train_step(compiled, compiled_model, opt_c), repeats)
+    t_train_e, t_train_c = paired_medians(lambda: train_step(eager, eager, opt_e),
+                                          lambda: train_step(compiled, compiled_model, opt_c), repeats)
     with torch.no_grad():
-        t_pred_e = median_seconds(lambda: eager(x), repeats)
-        t_pred_c = median_seconds(lambda: compiled(x), repeats)
+        t_pred_e, t_pred_c = paired_medians(lambda: eager(x), lambda: compiled(x), repeats)
     print(f"{name:<9} {estimator:<18} compile {compile_train:6.1f}s + {compile_predict:5.1f}s | "
           f"train step eager {1e3 * t_train_e:8.2f} ms compiled {1e3 * t_train_c:8.2f} ms "
           f"ratio {t_train_e / t_train_c:5.2f} | predict eager {1e3 * t_pred_e:7.2f} ms compiled "

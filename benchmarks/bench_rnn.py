@@ -83,7 +83,8 @@ def main() -> None:
         model = _Regressor(BayesLSTM(INPUT, HIDDEN, batch_first=True, estimator=estimator))
         models[f"torchbayes BayesLSTM ({estimator})"] = (model, lambda m=model: torchbayes.kl_divergence(m))
     compat = _Regressor(torchbayes.layers.LSTMReparameterization(INPUT, HIDDEN))
-    models["torchbayes.layers.LSTMReparameterization"] = (compat, lambda m=compat: torchbayes.kl_divergence(m))
+    models["torchbayes.layers.LSTMReparameterization"] = (compat,
+                                                          lambda m=compat: torchbayes.kl_divergence(m))
     try:
         from bayesian_torch.layers import LSTMReparameterization as ReferenceLSTM
         from bayesian_torch.models.dnn_to_bnn import get_kl_loss as reference_kl

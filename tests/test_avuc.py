@@ -287,3 +287,16 @@ def test_gradients_reach_the_posterior_of_a_bayesian_model():
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert model[0].weight_rho.grad.abs().sum() > 0
+
+
+def test_threshold_ties_break_like_the_reference(reference):
+    # float32(0.1) > 0.1 in float64: NumPy compares a float32 uncertainty with a Python
+    # float at float32 (equal, so certain) but with a NumPy float64 at float64 (uncertain).
+    ref = _reference_avuc(reference)
+    pred, true = np.array([0, 1, 1]), np.array([0, 1, 0])
+    for unc in (np.array([0.1, 0.2, 0.3], dtype=np.float32), np.array([0.1, 0.2, 0.3])):
+        for threshold in (0.1, np.float64(0.1), np.float32(0.1), 0.2):
+            expected = ref.accuracy_vs_uncertainty(pred, true, unc, threshold)
+            assert float(accuracy_vs_uncertainty(pred, true, unc, threshold)) == expected
+    assert ref.accuracy_vs_uncertainty(pred, true, np.float32([0.1, 0.2, 0.3]), 0.1) != \
+        ref.accuracy_vs_uncertainty(pred, true, np.float32([0.1, 0.2, 0.3]), np.float64(0.1))

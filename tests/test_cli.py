@@ -334,3 +334,34 @@ def test_quantize_then_evaluate_the_int8_checkpoint(trained, capsys):
     assert results["models"]["Bayesian mlp INT8"]["metrics"]["accuracy"] > 0.8
     assert main(["quantize", str(det), "--quiet"]) == EXIT_USAGE  # a deterministic checkpoint
     assert "deterministic model" in capsys.readouterr().err
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """An uncompressed IDX file (MNIST's on-disk format): magic, dims, then uint8 data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_in_torchvision_format_is_read_from_data_root(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = {split: rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8) for split, n in (("train", 40), ("t10k", 20))}
+    labels = {split: np.arange(len(x)) % 10 for split, x in images.items()}
+    for split in images:
+        _write_idx(raw / f"{split}-images-idx3-ubyte", images[split])
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", labels[split])
+    data = load_image_dataset("mnist-torchvision", data_root=tmp_path, ood_classes=(9,))
+    # torchvision's own split is kept; class 9 leaves both and its TEST images are the OOD set.
+    keep_train, keep_test = labels["train"] != 9, labels["t10k"] != 9
+    assert torch.equal(data.train_x, torch.from_numpy(images["train"][keep_train][:, None] / np.float32(255)))
+    assert torch.equal(data.test_y, torch.from_numpy(labels["t10k"][keep_test]))
+    assert torch.equal(data.ood_x, torch.from_numpy(images["t10k"][~keep_test][:, None] / np.float32(255)))
+    assert data.num_classes == 9
+    # The command reads it too; a folder without the files is bad input.
+    assert main(["train", "--dataset", "mnist-torchvision", "--data-root", str(tmp_path), "--epochs", "1",
+                 "--deterministic", "--out", str(tmp_path / "m.pt"), "--quiet"]) == EXIT_OK
+    assert main(["train", "--dataset", "mnist-torchvision", "--data-root", str(tmp_path / "MNIST"),
+                 "--out", str(tmp_path / "n.pt"), "--quiet"]) == EXIT_USAGE
+    assert "mnist-torchvision not found in torchvision's format" in capsys.readouterr().err

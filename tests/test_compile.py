@@ -57,6 +57,15 @@ def test_no_graph_breaks_in_bayesian_layers(estimator, digits):
     assert predict.graph_break_count == 0, [r.reason for r in predict.break_reasons]
 
 
+def test_converted_resnet18_training_step_has_no_graph_breaks():
+    torchvision = pytest.importorskip("torchvision", reason="torchvision (extra 'vision') is not installed")
+    model = torchbayes.dnn_to_bnn(torchvision.models.resnet18(num_classes=10))
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    # Tracing only (inductor compilation of ResNet-18 takes minutes on 2 cores: see the benchmark).
+    explained = dynamo.explain(lambda a, b: elbo(model, a, b))(x, y)
+    assert explained.graph_break_count == 0, [r.reason for r in explained.break_reasons]
+
+
 def test_compiled_training_matches_eager_step_for_step(digits):
     """With inductor's ``fallback_random`` the compiled graph draws eager's random numbers,
     so compiled and eager training must agree to float rounding, step after step."""

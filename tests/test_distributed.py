@@ -136,8 +136,8 @@ def ranks(tmp_path_factory, digits):
         pytest.skip("torch.distributed is not available in this build")
     out = tmp_path_factory.mktemp("ddp")
     # The data travel with the spawn: loading them in each child costs seconds.
-    mp.start_processes(_worker, args=(_free_port(), str(out), digits.train_x, digits.train_y), nprocs=WORLD,
-                       join=True, start_method="fork")
+    # spawn, not fork: forking a process that has run autograd (any earlier test) breaks it.
+    mp.spawn(_worker, args=(_free_port(), str(out), digits.train_x, digits.train_y), nprocs=WORLD, join=True)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -26,7 +26,7 @@ from torchbayes.nn import (
 # P(any |z| > 5) < 300 * 5.7e-7 < 2e-4, while a wrong distribution (e.g. a shared draw, a
 # dropped correlation) shifts means or variances by many standard errors at this S.
 Z_BOUND = 5.0
-NUM_DRAWS = 1500
+NUM_DRAWS = 1000
 
 
 def assert_same_distribution(vectorized: torch.Tensor, loop: torch.Tensor) -> None:
@@ -64,7 +64,8 @@ def _conv_model(kind: str, estimator: str) -> tuple[nn.Module, torch.Tensor]:
         first, second = cls(2, 4, 3, padding=1, **opts), cls(4, 2, 3, groups=2, padding="same", **opts)
         out_size = size
     model = nn.Sequential(first, nn.Tanh(), second, nn.Flatten(), BayesLinear(2 * out_size**dims, 3, **opts))
-    return model, torch.randn(3, 2, *([size] * dims))
+    # Batch 6 for 2-D takes the group-by-group path of later convolutions, 3 the grouped one.
+    return model, torch.randn(6 if dims == 2 else 3, 2, *([size] * dims))
 
 
 def _mlp(estimator: str, width: int = 16) -> nn.Module:

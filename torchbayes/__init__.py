@@ -7,6 +7,7 @@ from torchbayes.checkpoint import CheckpointError, load_checkpoint, read_checkpo
 from torchbayes.conversion import bnn_to_dnn, conversion_history, dnn_to_bnn, moped, register_conversion
 from torchbayes.distributed import ModelWithKL, seed_per_rank
 from torchbayes.elbo import elbo_loss, get_kl_loss, kl_divergence
+from torchbayes.export import export_onnx, export_program
 from torchbayes.interchange import load_reference_state_dict, reference_state_dict
 from torchbayes.nn import noise_generator, posterior_mean, sampling
 from torchbayes.prediction import ClassificationPrediction, Prediction, RegressionPrediction, predict
@@ -25,6 +26,8 @@ __all__ = [
     "save_checkpoint",
     "AvULoss",
     "ModelWithKL",
+    "export_onnx",
+    "export_program",
     "seed_per_rank",
     "TemperatureScaling",
     "accuracy_vs_uncertainty",

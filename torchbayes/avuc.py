@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchbayes.metrics import _check_logits, _check_logits_labels
+from torchbayes.metrics import _check_logits, _check_logits_labels, _wide_dtype
 
 __all__ = [
     "AvULoss",
@@ -55,11 +55,6 @@ def _entropy_from_log_probs(log_probs: Tensor) -> Tensor:
     # gradient stays finite where a softmax probability underflows to 0, whereas
     # torchbayes.uncertainty's xlogy(p, p) on probabilities has a log(0) gradient there.
     return -(log_probs.exp() * log_probs).sum(-1)
-
-
-def _compare_dtype(device: torch.device) -> torch.dtype:
-    # The reference compares thresholds as Python floats (float64); MPS has no float64.
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _check_type(type: int, logits: Tensor, caller: str) -> None:
@@ -135,7 +130,7 @@ def _threshold_grid(uncertainty: Tensor, num_thresholds: int) -> Tensor:
     The spread is computed in the uncertainty's dtype and the sum in float64, exactly
     as the reference's mixed float32/float64 arithmetic, so that ties break the same way.
     """
-    wide = _compare_dtype(uncertainty.device)
+    wide = _wide_dtype(uncertainty.device)
     umin, umax = uncertainty.min(), uncertainty.max()
     fractions = torch.linspace(0, 1, num_thresholds, dtype=wide, device=uncertainty.device)
     return umin.to(wide) + fractions * (umax - umin).to(wide)
@@ -204,7 +199,7 @@ class AvULoss(_AvUCLoss):
             raise ValueError("AvULoss: optimal_uncertainty_threshold must be one finite number, "
                              f"got {optimal_uncertainty_threshold!r}")
         unc, correct, w_certain, w_uncertain = _soft_avu_inputs(logits, labels, type)
-        threshold = threshold.reshape(1).to(device=logits.device, dtype=_compare_dtype(logits.device))
+        threshold = threshold.reshape(1).to(device=logits.device, dtype=_wide_dtype(logits.device))
         avu = _avu(unc, correct, threshold, w_certain, w_uncertain, self.eps)[0]
         return -self.beta * torch.log(avu + self.eps)
 
@@ -273,13 +268,16 @@ def accuracy_vs_uncertainty(pred_label: Any, true_label: Any, uncertainty: Any,
         >>> accuracy_vs_uncertainty(probs.argmax(1), y, predictive_entropy(probs), 0.5)
     """
     unc, correct = _as_hard_inputs(pred_label, true_label, uncertainty, "accuracy_vs_uncertainty")
-    # NumPy semantics, as in the reference: a Python float is compared at the
-    # uncertainty's precision, an array or tensor at the wider of the two.
-    threshold = torch.as_tensor(optimal_threshold, device=unc.device)
+    # NumPy semantics, as in the reference: a Python int/float is compared at the
+    # uncertainty's precision; an array, NumPy scalar or tensor at the wider of the two.
+    if type(optimal_threshold) in (int, float):
+        threshold = torch.tensor(float(optimal_threshold), dtype=unc.dtype, device=unc.device)
+    else:
+        threshold = torch.as_tensor(optimal_threshold, device=unc.device)
     if threshold.numel() != 1 or threshold.is_complex():
         raise ValueError(f"accuracy_vs_uncertainty: optimal_threshold must be one number, got {optimal_threshold!r}")
-    precision = unc.dtype if isinstance(optimal_threshold, (int, float)) else torch.promote_types(unc.dtype, threshold.dtype)
-    threshold = threshold.to(precision).to(_compare_dtype(unc.device)).reshape(1)
+    precision = torch.promote_types(unc.dtype, threshold.dtype)
+    threshold = threshold.to(precision).to(_wide_dtype(unc.device)).reshape(1)
     return _hard_avu(unc.to(precision), correct, threshold)[0]
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchbayes.metrics import _check_logits, _check_logits_labels
+from torchbayes.metrics import _check_logits, _check_logits_labels, _wide_dtype
 
 __all__ = ["TemperatureScaling"]
 
@@ -92,7 +92,7 @@ class TemperatureScaling(nn.Module):
         _check_logits_labels(logits, labels, "TemperatureScaling.fit")
         if not torch.isfinite(logits).all():
             raise ValueError("TemperatureScaling.fit: logits contain NaN or infinite values")
-        wide = torch.float32 if logits.device.type == "mps" else torch.float64  # MPS lacks float64
+        wide = _wide_dtype(logits.device)
         x = logits.detach().to(wide)
         log_t = torch.zeros((), dtype=wide, device=logits.device, requires_grad=True)
         with torch.no_grad():

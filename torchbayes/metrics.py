@@ -43,6 +43,11 @@ __all__ = [
 PROBS_SUM_TOLERANCE = 1e-3
 
 
+def _wide_dtype(device: torch.device) -> torch.dtype:
+    """float64 for exact counts and comparisons, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _check_labels(labels: Tensor, n: int, num_classes: int | None, device: torch.device,
                   caller: str) -> None:
     """Labels must be ``(n,)`` integer class indices in ``[0, num_classes)`` on ``device``."""
@@ -85,7 +90,7 @@ def _check_probs(probs: Tensor, labels: Tensor, caller: str) -> None:
     _check_labels(labels, probs.shape[0], probs.shape[1], probs.device, caller)
     if not ((probs >= 0) & (probs <= 1)).all():
         raise ValueError(f"{caller}: probs must be probabilities in [0, 1]; pass softmax(logits), not logits")
-    deviation = (probs.sum(1, dtype=torch.float64) - 1).abs().max()
+    deviation = (probs.sum(1, dtype=_wide_dtype(probs.device)) - 1).abs().max()
     if deviation > PROBS_SUM_TOLERANCE:
         raise ValueError(f"{caller}: every row of probs must sum to 1 (within {PROBS_SUM_TOLERANCE}); "
                          f"a row is off by {float(deviation):.3g}")
@@ -366,16 +371,17 @@ def risk_coverage_curve(uncertainty: Tensor, correct: Tensor) -> tuple[Tensor, T
     """
     _check_selective(uncertainty, correct, "risk_coverage_curve")
     n = uncertainty.numel()
+    wide = _wide_dtype(uncertainty.device)
     _, group, group_size = torch.unique(uncertainty, sorted=True, return_inverse=True, return_counts=True)
-    group_errors = torch.zeros(group_size.shape, dtype=torch.float64, device=uncertainty.device)
-    group_errors.index_add_(0, group, (~correct).to(torch.float64))
+    group_errors = torch.zeros(group_size.shape, dtype=wide, device=uncertainty.device)
+    group_errors.index_add_(0, group, (~correct).to(wide))
     group_end = group_size.cumsum(0)
     errors_before = group_errors.cumsum(0) - group_errors  # errors of all lower-uncertainty groups
     k = torch.arange(1, n + 1, device=uncertainty.device)
     g = torch.searchsorted(group_end, k)  # the group the k-th answered input belongs to
-    taken = (k - (group_end[g] - group_size[g])).to(torch.float64)
+    taken = (k - (group_end[g] - group_size[g])).to(wide)
     errors = errors_before[g] + taken * group_errors[g] / group_size[g]
-    k = k.to(torch.float64)
+    k = k.to(wide)
     return k / n, errors / k
 
 

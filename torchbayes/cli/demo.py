@@ -68,7 +68,7 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0, device:
 
     Args:
         out_dir: the report folder (``report.html``, ``results.json``, ``images/``).
-        quick: the reduced version (seconds instead of about a minute).
+        quick: the reduced version (about a third of the full run's compute).
         seed: seeds everything (same seed, same numbers on the same machine).
         device: where to train and predict.
         show_progress: progress bars on stderr.

@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a deterministic LeNet and its Bayesian twin on MNIST digits and write a report",
         description="Train a deterministic network and its Bayesian twin (dnn_to_bnn + MOPED) on real "
                     "handwritten digits, with two digit classes held out as out-of-distribution inputs, "
-                    "print a comparison and write an HTML/JSON report. About a minute on 2 CPU cores.")
+                    "print a comparison and write an HTML/JSON report. Under a minute on 2 CPU cores.")
     demo.add_argument("--out", default="torchbayes-demo", help="report folder (default ./torchbayes-demo)")
     demo.add_argument("--quick", action="store_true", help="reduced version: an MLP on 8x8 digits, seconds")
     _add_common(demo)

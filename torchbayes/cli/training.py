@@ -118,9 +118,10 @@ class EpochSummary:
 
     def line(self, epochs: int) -> str:
         """One line for the console."""
-        text = (f"epoch {self.epoch:>{len(str(epochs))}}/{epochs}  loss {self.loss:.4f}  nll {self.nll:.4f}"
-                f"  kl/N {self.kl_per_example:.4f}  train acc {100 * self.train_accuracy:5.1f}%"
-                f"  test acc {100 * self.test_accuracy:5.1f}%  {self.seconds:.1f}s")
+        kl = f"  kl/N {self.kl_per_example:.4f}" if self.kl_per_example else ""  # deterministic: no KL
+        text = (f"epoch {self.epoch:>{len(str(epochs))}}/{epochs}  loss {self.loss:.4f}  nll {self.nll:.4f}{kl}"
+                f"  train acc {100 * self.train_accuracy:5.1f}%  test acc {100 * self.test_accuracy:5.1f}%"
+                f"  {self.seconds:.1f}s")
         return text + "".join(f"  {k} {v:.4f}" for k, v in self.extra.items())
 
 

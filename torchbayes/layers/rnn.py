@@ -42,7 +42,8 @@ _REFERENCE_KEYS = {
 LSTMReturn = tuple[Tensor, tuple[Tensor, Tensor], Tensor] | tuple[Tensor, tuple[Tensor, Tensor]]
 
 
-def _cell_sequence(x: Tensor, hidden_seq: Tensor, h0: Tensor, c0: Tensor, weights: dict[str, Tensor]) -> Tensor:
+def _cell_sequence(x: Tensor, hidden_seq: Tensor, h0: Tensor, c0: Tensor,
+                   weights: dict[str, Tensor]) -> Tensor:
     """Every step's LSTM cell state, recovered from the hidden states of the fused kernel.
 
     Given all hidden states, the gates of all steps take two matmuls, and the cell
@@ -65,7 +66,7 @@ def _cell_sequence(x: Tensor, hidden_seq: Tensor, h0: Tensor, c0: Tensor, weight
 
 
 def _lstm_doc(name: str, estimator: str) -> str:
-    return f"""Bayesian-Torch's ``{name}``: a one-layer, batch-first :class:`~torchbayes.nn.BayesLSTM` with ``estimator="{estimator}"``.
+    return f"""Bayesian-Torch's ``{name}``: a one-layer, batch-first ``BayesLSTM(estimator="{estimator}")``.
 
     Args:
         in_features: size of each input vector (``input_size``).

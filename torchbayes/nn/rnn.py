@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, _VF, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from torchbayes.nn import functional as BF
 from torchbayes.nn import noise, vectorized
@@ -44,9 +45,6 @@ __all__ = ["BayesLSTM", "BayesGRU"]
 RNN_ESTIMATORS: tuple[str, ...] = ("reparameterization", "flipout")
 
 LSTMState = tuple[Tensor, Tensor]
-
-
-Projection = Callable[[Tensor], Tensor]
 
 
 class _FlipoutProjection:
@@ -77,6 +75,11 @@ class _FlipoutProjection:
             mean = torch.addmm(self.const, x, self.mu_weight_t)
         else:
             mean = x @ self.mu_weight_t + self.const
+        return torch.addcmul(mean, (x * self.sign_in) @ self.delta_weight_t, self.sign_out)
+
+    def accumulate(self, base: Tensor, x: Tensor) -> Tensor:
+        """``base + x W_b^T`` for 2-D ``x``, leaving out the bias (``const``), in three kernels."""
+        mean = torch.addmm(base, x, self.mu_weight_t)
         return torch.addcmul(mean, (x * self.sign_in) @ self.delta_weight_t, self.sign_out)
 
 
@@ -173,7 +176,8 @@ class _BayesRNNBase(BayesianModule):
             None if bias is None else BF.sample_perturbation(getattr(self, f"{bias}_rho")),
             batch_size)
 
-    def _projections(self, layer: int, direction: int, batch_size: int) -> tuple[Projection, Projection]:
+    def _projections(self, layer: int, direction: int,
+                     batch_size: int) -> tuple[_FlipoutProjection, _FlipoutProjection]:
         """Flipout input and hidden projections of one layer and direction, for the time loop."""
         w_ih, w_hh, b_ih, b_hh = self._weight_names(layer, direction)
         return (self._flipout_projection(w_ih, b_ih, batch_size),
@@ -210,9 +214,11 @@ class _BayesRNNBase(BayesianModule):
                            dtype=input.dtype, device=input.device)
 
     # ----------------------------------------------------------------- forward
-    def _run(self, input: Tensor, hx: Any) -> tuple[Tensor, Any]:
+    def _run(self, input: Tensor | PackedSequence, hx: Any) -> tuple[Any, Any]:
         """Validate, draw the weights once and run the recurrence; handles unbatched input."""
         self._check_estimator()
+        if isinstance(input, PackedSequence):
+            return self._run_packed(input, hx)
         batched = self._check_input(input)
         batch_dim = 0 if self.batch_first else 1
         if not batched:
@@ -233,6 +239,31 @@ class _BayesRNNBase(BayesianModule):
 
     def _initial_state(self, input: Tensor, hx: Any, batched: bool, batch_size: int) -> tuple[Tensor, ...]:
         raise NotImplementedError
+
+    def _run_packed(self, input: PackedSequence, hx: Any) -> tuple[PackedSequence, tuple[Tensor, ...]]:
+        """Variable-length sequences, as ``torch.nn.LSTM`` takes them (fused kernel only)."""
+        if not self.deterministic and self.estimator != "reparameterization":
+            raise ValueError(f"{type(self).__name__}: PackedSequence input needs estimator="
+                             f"'reparameterization' (or posterior-mean mode), got {self.estimator!r}; "
+                             "pad the sequences for flipout")
+        if vectorized.active_sample_groups() is not None:
+            raise RuntimeError(f"{type(self).__name__}: a PackedSequence cannot hold several Monte Carlo "
+                               "samples; use predict(..., chunk_size=1) for this model")
+        data, batch_sizes, sorted_indices, unsorted_indices = input
+        if data.dim() != 2 or data.shape[-1] != self.input_size:
+            raise ValueError(f"{type(self).__name__}: packed data must have shape (sum of lengths, "
+                             f"input_size={self.input_size}), got {tuple(data.shape)}")
+        batch_size = int(batch_sizes[0])
+        states = self._initial_state(data, hx, True, batch_size)
+        if hx is not None and sorted_indices is not None:  # the caller's order -> the packed order
+            states = tuple(s.index_select(1, sorted_indices) for s in states)
+        hidden: Any = states if len(states) > 1 else states[0]
+        result = type(self)._fused(data, batch_sizes, hidden, list(self.sample_weights().values()), self.bias,
+                                   self.num_layers, self.dropout, self.training, self.bidirectional)
+        final = tuple(result[1:])
+        if unsorted_indices is not None:
+            final = tuple(s.index_select(1, unsorted_indices) for s in final)
+        return PackedSequence(result[0], batch_sizes, sorted_indices, unsorted_indices), final
 
     def _forward_sample_groups(self, input: Tensor, states: tuple[Tensor, ...], num_groups: int,
                                batched: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -296,7 +327,7 @@ class _BayesRNNBase(BayesianModule):
             return output, final + (torch.cat(cells, dim=-1),)
         return output, final
 
-    def _recurrence(self, pre: Tensor, project_hidden: Projection, state: tuple[Tensor, ...],
+    def _recurrence(self, pre: Tensor, project_hidden: _FlipoutProjection, state: tuple[Tensor, ...],
                     collect_cells: bool) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
         """Run one layer and direction over time from precomputed input projections ``pre``."""
         raise NotImplementedError
@@ -373,7 +404,7 @@ class _BayesRNNBase(BayesianModule):
         return twin
 
 
-def _variational_names_doc(twin: str) -> str:
+def _rnn_arguments_doc(twin: str) -> str:
     return f"""
     Args:
         input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
@@ -398,10 +429,12 @@ class BayesLSTM(_BayesRNNBase):
     same return value. One weight sample is drawn per forward pass and used at every time
     step. With ``posterior_mean(model)`` (or sigma -> 0) it computes exactly what
     ``torch.nn.LSTM`` computes with the posterior means as weights.
-    {_variational_names_doc("LSTM")}
+    {_rnn_arguments_doc("LSTM")}
     Shape:
         - input: :math:`(L, N, H_{{in}})`, :math:`(N, L, H_{{in}})` if ``batch_first``, or
           :math:`(L, H_{{in}})` unbatched.
+          A ``PackedSequence`` works as in torch with the reparameterization estimator or
+          in posterior-mean mode (the output is then packed too).
         - hx: optional ``(h_0, c_0)``, each :math:`(D \\cdot num\\_layers, N, H)` (or without
           ``N`` for unbatched input); zeros if omitted.
         - output: ``(output, (h_n, c_n))`` with output :math:`(L, N, D \\cdot H)`
@@ -418,7 +451,18 @@ class BayesLSTM(_BayesRNNBase):
     _torch_cls = nn.LSTM
     _fused = staticmethod(_VF.lstm)
 
-    def forward(self, input: Tensor, hx: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
+    def forward(self, input: Tensor | PackedSequence,
+                hx: LSTMState | None = None) -> tuple[Tensor | PackedSequence, LSTMState]:
+        """Run the sequence(s) through one network drawn from the posterior.
+
+        Args:
+            input: ``(L, N, input_size)`` (``(N, L, input_size)`` if ``batch_first``),
+                ``(L, input_size)`` unbatched, or a ``PackedSequence``.
+            hx: optional ``(h_0, c_0)``, zeros if omitted.
+
+        Returns:
+            ``(output, (h_n, c_n))``, exactly as ``torch.nn.LSTM`` returns them.
+        """
         output, (h_n, c_n) = self._run(input, hx)
         return output, (h_n, c_n)
 
@@ -432,13 +476,15 @@ class BayesLSTM(_BayesRNNBase):
         self._check_state(hx[1], "c_0 (hx[1])", batched, batch_size)
         return (hx[0], hx[1]) if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
 
-    def _recurrence(self, pre: Tensor, project_hidden: Projection, state: tuple[Tensor, ...],
+    def _recurrence(self, pre: Tensor, project_hidden: _FlipoutProjection, state: tuple[Tensor, ...],
                     collect_cells: bool) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
         h, c = state
+        if project_hidden.const is not None:  # the hidden bias is constant in time: add it once
+            pre = pre + project_hidden.const
         hs, cs = [], []
         hidden = self.hidden_size
         for x_gates in pre.unbind(0):
-            gates = x_gates + project_hidden(h)
+            gates = project_hidden.accumulate(x_gates, h)
             # One sigmoid over all gates (the cell gate's is unused) beats three slices.
             act = gates.sigmoid()
             c = torch.addcmul(act[:, hidden:2 * hidden] * c, act[:, :hidden],
@@ -457,10 +503,12 @@ class BayesGRU(_BayesRNNBase):
     weight sample is drawn per forward pass and used at every time step. With
     ``posterior_mean(model)`` (or sigma -> 0) it computes exactly what ``torch.nn.GRU``
     computes with the posterior means as weights.
-    {_variational_names_doc("GRU")}
+    {_rnn_arguments_doc("GRU")}
     Shape:
         - input: :math:`(L, N, H_{{in}})`, :math:`(N, L, H_{{in}})` if ``batch_first``, or
           :math:`(L, H_{{in}})` unbatched.
+          A ``PackedSequence`` works as in torch with the reparameterization estimator or
+          in posterior-mean mode.
         - hx: optional ``h_0`` of shape :math:`(D \\cdot num\\_layers, N, H)` (or without ``N``).
         - output: ``(output, h_n)`` with output :math:`(L, N, D \\cdot H)`.
 
@@ -472,7 +520,18 @@ class BayesGRU(_BayesRNNBase):
     _torch_cls = nn.GRU
     _fused = staticmethod(_VF.gru)
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, input: Tensor | PackedSequence,
+                hx: Tensor | None = None) -> tuple[Tensor | PackedSequence, Tensor]:
+        """Run the sequence(s) through one network drawn from the posterior.
+
+        Args:
+            input: ``(L, N, input_size)`` (``(N, L, input_size)`` if ``batch_first``),
+                ``(L, input_size)`` unbatched, or a ``PackedSequence``.
+            hx: optional ``h_0``, zeros if omitted.
+
+        Returns:
+            ``(output, h_n)``, exactly as ``torch.nn.GRU`` returns them.
+        """
         output, (h_n,) = self._run(input, hx)
         return output, h_n
 
@@ -482,7 +541,7 @@ class BayesGRU(_BayesRNNBase):
         self._check_state(hx, "hx", batched, batch_size)
         return (hx,) if batched else (hx.unsqueeze(1),)
 
-    def _recurrence(self, pre: Tensor, project_hidden: Projection, state: tuple[Tensor, ...],
+    def _recurrence(self, pre: Tensor, project_hidden: _FlipoutProjection, state: tuple[Tensor, ...],
                     collect_cells: bool) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
         (h,) = state
         hs = []

@@ -18,7 +18,8 @@ Monte Carlo samples at once when fed its batch tiled ``G`` times, which is what
 * **Convolutions**: local reparameterization is not exact for them (positions sharing a
   kernel would become independent), so each group gets a sampled kernel. On a shared
   input the ``G`` kernels are stacked into one convolution with ``G`` times the output
-  channels; otherwise the groups run one after another.
+  channels; otherwise small batches run as one grouped convolution (``G`` groups) and
+  large ones group after group.
 * **shared_weights**: every layer uses one weight sample per group for all examples,
   so each group is a joint sample of the whole network (e.g. for Thompson sampling).
 
@@ -57,6 +58,10 @@ Op = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 # decide between output-sized noise (local) and weight-sized noise (bmm) for linear layers.
 _NOISE_COST = 180.0
 _MAC_COST = 1.0
+# Up to this many examples per group, one grouped convolution over all groups beats a loop
+# over them (per-call overhead dominates small batches); above it the loop's cache use wins.
+_GROUPED_CONV_MAX_ROWS = 4
+_CONVOLUTIONS = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
 
 
 @dataclass
@@ -228,6 +233,19 @@ def _conv_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared: 
         out = op(x[:n], stacked, None if bias is None else bias.reshape(-1))
         out = out.unflatten(1, (g, -1)).transpose(0, 1)
         return out.reshape(x.shape[0], *out.shape[2:])
+    if not shared and n <= _GROUPED_CONV_MAX_ROWS and not transposed and layer.padding_mode == "zeros":
+        return _grouped_conv(layer, x, weight, bias, g)
     blocks = [x[:n]] * g if shared else x.split(n)
     return torch.cat([op(block, weight[i], None if bias is None else bias[i])
                       for i, block in enumerate(blocks)])
+
+
+def _grouped_conv(layer: BayesianWeightLayer, x: Tensor, weight: Tensor, bias: Tensor | None, g: int) -> Tensor:
+    """All groups in one convolution: group ``i``'s examples meet only kernel ``i``."""
+    n = x.shape[0] // g
+    conv = _CONVOLUTIONS[layer._num_spatial_dims]
+    # (g*n, C, ...) -> (n, g*C, ...): free when n == 1, a copy otherwise.
+    xg = x.unflatten(0, (g, n)).transpose(0, 1).flatten(1, 2)
+    out = conv(xg, weight.flatten(0, 1), None if bias is None else bias.reshape(-1), layer.stride,
+               layer.padding, layer.dilation, g * layer.groups)
+    return out.unflatten(1, (g, -1)).transpose(0, 1).reshape(x.shape[0], -1, *out.shape[2:])

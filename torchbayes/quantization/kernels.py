@@ -14,6 +14,7 @@ rounding, without the speed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,6 +83,8 @@ def quantize_activation(x: Tensor, value_range: tuple[float, float] | None = Non
     if value_range is None:
         low_t, high_t = torch.aminmax(x.detach())
         low, high = float(low_t), float(high_t)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"cannot quantize an input containing NaN or infinity (range {low}..{high})")
     else:
         low, high = value_range
         x = x.clamp(low, high)
