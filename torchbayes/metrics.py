@@ -18,6 +18,7 @@ OOD detection (:func:`ood_auroc`, :func:`ood_aupr`) uses torchmetrics (extra ``m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +38,7 @@ __all__ = [
     "ood_aupr",
     "risk_coverage_curve",
     "area_under_risk_coverage",
+    "referral_curve",
 ]
 
 #: Tolerance on ``|sum_c probs - 1|``; loose enough for float16/bfloat16 MC averages.
@@ -398,3 +400,34 @@ def area_under_risk_coverage(uncertainty: Tensor, correct: Tensor) -> Tensor:
     """
     _, risk = risk_coverage_curve(uncertainty, correct)
     return risk.mean()
+
+
+def referral_curve(uncertainty: Tensor, correct: Tensor, fractions: Sequence[float] | Tensor) -> Tensor:
+    """Accuracy on the cases kept when the most uncertain ones are referred (e.g. to a doctor).
+
+    The referral view of :func:`risk_coverage_curve` (Leibig et al. 2017): referring a
+    fraction ``f`` of the ``N`` cases keeps the ``k = N - round(f N)`` least uncertain
+    ones (at least one), and the accuracy on them is ``1 - risk`` at coverage ``k / N``.
+    Ties are handled as there: the expectation over their order. Random referral keeps
+    the overall accuracy on average; it is the curve of a constant ``uncertainty``.
+
+    Args:
+        uncertainty: ``(N,)`` uncertainty scores (e.g. predictive entropy, mutual
+            information, or ``1 - confidence`` of a deterministic model).
+        correct: ``(N,)`` bools, whether each prediction is right.
+        fractions: fractions of cases referred, each in ``[0, 1)``.
+
+    Returns:
+        float64 tensor of shape ``(len(fractions),)``: accuracy on the kept cases.
+
+    Example:
+        >>> referral_curve(entropy, probs.argmax(1) == y, [0.0, 0.1, 0.2, 0.3])
+    """
+    fractions = torch.as_tensor(fractions, dtype=torch.float64).reshape(-1)
+    if fractions.numel() == 0 or not ((fractions >= 0) & (fractions < 1)).all():
+        raise ValueError(f"referral_curve: fractions must be a non-empty sequence of numbers in [0, 1), "
+                         f"got {fractions.tolist()}")
+    _, risk = risk_coverage_curve(uncertainty, correct)
+    n = risk.numel()
+    kept = (n - torch.round(fractions * n).long()).clamp_min(1)
+    return 1 - risk[(kept - 1).to(risk.device)]

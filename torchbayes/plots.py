@@ -8,17 +8,18 @@ Figures are built with matplotlib's object-oriented API on the Agg canvas: no GU
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from torchbayes.metrics import calibration_bins, risk_coverage_curve
+from torchbayes.metrics import calibration_bins, referral_curve, risk_coverage_curve
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["reliability_diagram", "uncertainty_histogram", "risk_coverage_plot"]
+__all__ = ["reliability_diagram", "uncertainty_histogram", "risk_coverage_plot", "referral_plot"]
 
 
 def _new_figure(figsize: tuple[float, float]) -> Figure:
@@ -148,4 +149,53 @@ def risk_coverage_plot(uncertainty: Tensor, correct: Tensor, *, path: str | os.P
     ax.set(xlim=(0, 1), ylim=(0, max(1e-3, float(risk.max()) * 1.05)), xlabel="coverage", ylabel="risk (error rate)",
            title=f"Risk-coverage curve (AURC = {float(risk.mean()):.4f})")
     ax.legend()
+    return _finish(fig, path)
+
+
+#: Referred fractions of :func:`referral_plot` by default: 0%, 1%, ..., 50%.
+DEFAULT_REFERRAL_FRACTIONS: tuple[float, ...] = tuple(i / 100 for i in range(51))
+
+
+def referral_plot(curves: Mapping[str, tuple[Tensor, Tensor]],
+                  fractions: Sequence[float] = DEFAULT_REFERRAL_FRACTIONS, *,
+                  title: str = "Referral curve", path: str | os.PathLike[str] | None = None) -> Figure:
+    """Accuracy on the kept cases against the fraction referred, for several uncertainty scores.
+
+    Each curve refers the most uncertain cases first (:func:`torchbayes.metrics.referral_curve`);
+    a dashed line of the same colour is random referral of the same predictions, whose
+    expected accuracy is the accuracy without referral. The higher a curve rises above
+    its line, the better the uncertainty tells which cases need a second opinion.
+
+    Args:
+        curves: per legend label, ``(uncertainty, correct)``: ``(N,)`` scores and
+            ``(N,)`` bools (whether each prediction is right).
+        fractions: fractions referred, in ``[0, 1)`` (default 0 to 50% in steps of 1%).
+        title: the figure's title.
+        path: if given, a PNG is written there.
+
+    Returns:
+        The figure.
+
+    Example:
+        >>> referral_plot({"Bayesian, entropy": (entropy, correct), "deterministic, 1 - confidence":
+        ...                (1 - confidence, det_correct)}, path="referral.png")
+    """
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError("referral_plot: curves must be a non-empty mapping label -> (uncertainty, correct)")
+    x = 100 * torch.as_tensor(fractions, dtype=torch.float64).reshape(-1)
+    fig = _new_figure((5.5, 4.0))
+    ax = fig.subplots()
+    random_seen: set[tuple[bool, ...]] = set()
+    for i, (label, (uncertainty, correct)) in enumerate(curves.items()):
+        color = f"C{i}"
+        accuracy = referral_curve(uncertainty, correct, fractions).cpu()
+        ax.plot(x.numpy(), accuracy.numpy(), color=color, marker="." if len(x) <= 11 else None, label=label)
+        key = tuple(correct.cpu().tolist())
+        if key not in random_seen:  # one random line per distinct set of predictions
+            random_seen.add(key)
+            ax.axhline(float(correct.double().mean()), color=color, linestyle="--", linewidth=1,
+                       label=f"random referral ({label.split(',')[0]})")
+    ax.set(xlim=(float(x.min()), float(x.max())), xlabel="cases referred (%)",
+           ylabel="accuracy on the kept cases", title=title)
+    ax.legend(fontsize="small")
     return _finish(fig, path)
