@@ -214,15 +214,16 @@ def test_accuracy_calibration_and_ood_preserved_on_digits(digits_ood, digits_mlp
     assert changed <= 0.01
     results = {}
     for name, m in (("fp32", model), ("int8", qmodel)):
-        test = torchbayes.predict(m, x, 64, seed=0)
-        ood = torchbayes.predict(m, digits_ood.ood_x, 64, seed=1)
+        test = torchbayes.predict(m, x, 256, seed=0)
+        ood = torchbayes.predict(m, digits_ood.ood_x, 256, seed=1)
         results[name] = ((test.predicted_class == y).float().mean().item(),
                          expected_calibration_error(test.mean, y).item(),
                          ood_auroc(test.mutual_information, ood.mutual_information).item())
     (acc32, ece32, auc32), (acc8, ece8, auc8) = results["fp32"], results["int8"]
     assert acc32 > 0.9  # the model learned something
-    # 64-sample predictive means differ by Monte Carlo noise as well as quantization;
-    # 1.5 points of 270 test digits is 4 digits, 0.02 ECE / AUROC a few borderline cases.
+    # 256-sample predictions differ by Monte Carlo noise as well as quantization (two
+    # FP32 runs with other seeds differ by ~0.005 in each); 1.5 points of 270 test
+    # digits is 4 digits, and 0.02 is the bound for ECE and the MI AUROC.
     assert abs(acc8 - acc32) <= 0.015
     assert abs(ece8 - ece32) <= 0.02
     assert abs(auc8 - auc32) <= 0.02

@@ -124,6 +124,8 @@ def predict(
             processed independently in eval mode (true of BatchNorm, dropout...) and, for
             ``chunk_size > 1``, the batch must stay in dim 0 up to every Bayesian layer.
         x: a batch, ``(B, ...)``, on the model's device and (if floating) of its dtype.
+            Under ``torch.autocast`` the model runs in low precision but ``samples`` and
+            every summary are returned in float32.
         num_samples: ``S >= 1`` Monte Carlo samples.
         task: ``"classification"`` or ``"regression"``.
         outputs: for classification, whether the model returns ``"logits"`` (softmax
@@ -158,6 +160,10 @@ def predict(
     if chunk_size is None:
         chunk_size = _default_chunk_size(modules, num_samples, x.shape[0])
     samples = _draw_samples(model, x, num_samples, min(chunk_size, num_samples), seed, shared_weights)
+    if samples.is_floating_point() and torch.finfo(samples.dtype).bits < 32:
+        # Under autocast the outputs are bfloat16/float16, whose ~3 significant digits swamp
+        # the mutual information (a small difference of two entropies): summarise in float32.
+        samples = samples.float()
     if task == "classification":
         return _classification_result(samples, outputs)
     return _regression_result(samples, output_variance)
@@ -203,9 +209,15 @@ def _check_input_matches_model(modules: list[nn.Module], x: Tensor) -> None:
 def _default_chunk_size(modules: list[nn.Module], num_samples: int, batch_size: int) -> int:
     if not all(getattr(m, "supports_sample_groups", False) for m in modules):
         return 1
-    has_conv = any(isinstance(m, BayesianWeightLayer) and m._num_spatial_dims > 0 for m in modules)
-    rows = _ROWS_PER_PASS_CONV if has_conv else _ROWS_PER_PASS
+    # A module may state the rows per pass it runs fastest at (preferred_rows_per_pass);
+    # the smallest preference wins, as the tightest layer bounds the pass.
+    rows = min(getattr(m, "preferred_rows_per_pass", None) or _default_rows(m) for m in modules)
     return max(1, min(num_samples, rows // batch_size))
+
+
+def _default_rows(module: nn.Module) -> int:
+    is_conv = isinstance(module, BayesianWeightLayer) and module._num_spatial_dims > 0
+    return _ROWS_PER_PASS_CONV if is_conv else _ROWS_PER_PASS
 
 
 def _draw_samples(model: nn.Module, x: Tensor, num_samples: int, chunk_size: int,

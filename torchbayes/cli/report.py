@@ -18,10 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torchbayes import plots
+from torch import Tensor
+
+from torchbayes import metrics, plots
 from torchbayes.cli.evaluation import METRIC_LABELS, ModelEvaluation
 
-__all__ = ["Report", "Figure", "comparison_table", "write_report"]
+__all__ = ["Report", "Figure", "comparison_table", "referral_results", "write_report"]
+
+#: Fractions of cases referred whose accuracies go into the JSON (the plot uses 1% steps).
+REFERRAL_FRACTIONS: tuple[float, ...] = tuple(i / 20 for i in range(11))
 
 REPORT_HTML = "report.html"
 REPORT_JSON = "results.json"
@@ -128,6 +133,59 @@ def _make_figures(evaluations: Sequence[ModelEvaluation], images: Path) -> list[
     return figures
 
 
+def _referral_scores(evaluations: Sequence[ModelEvaluation]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per curve label, ``(uncertainty, correct)``: Bayesian models refer by predictive entropy
+    and by mutual information, deterministic ones the least confident first."""
+    scores: dict[str, tuple[Tensor, Tensor]] = {}
+    for e in evaluations:
+        if e.bayesian:
+            scores[f"{e.name}, predictive entropy"] = (e.test.entropy, e.correct)
+            scores[f"{e.name}, mutual information"] = (e.test.mutual_information, e.correct)
+        else:
+            scores[f"{e.name}, 1 - confidence"] = (1 - e.test.probs.max(-1).values, e.correct)
+    return scores
+
+
+def referral_results(evaluations: Sequence[ModelEvaluation],
+                     fractions: Sequence[float] = REFERRAL_FRACTIONS) -> dict[str, Any]:
+    """The referral curves' numbers, as plain values for the JSON.
+
+    Returns:
+        ``{"fractions": [...], "accuracy": {curve label: [...]}, "random": {model name:
+        accuracy}}``: accuracy on the kept test cases when each fraction of the most
+        uncertain ones is referred (:func:`torchbayes.metrics.referral_curve`), and the
+        expected accuracy of random referral (the accuracy without referral), per model.
+    """
+    curves = {label: metrics.referral_curve(u, c, fractions).tolist()
+              for label, (u, c) in _referral_scores(evaluations).items()}
+    random = {e.name: float(e.correct.double().mean()) for e in evaluations}
+    return {"fractions": [float(f) for f in fractions], "accuracy": curves, "random": random}
+
+
+def _referral_figure(evaluations: Sequence[ModelEvaluation], images: Path) -> Figure:
+    path = images / "referral.png"
+    plots.referral_plot(_referral_scores(evaluations), title="Referral curve (test split)", path=path)
+    return Figure("Referral curves", "referral",
+                  "Accuracy on the test cases each model keeps when it refers the most uncertain ones "
+                  "(e.g. to a doctor), for 0-50% referred. Dashed lines: random referral of the same "
+                  "predictions. A curve that climbs faster tells better which cases need a second opinion.",
+                  path)
+
+
+def _referral_table(referral: Mapping[str, Any]) -> str:
+    esc = html.escape
+    labels = list(referral["accuracy"])
+    head = "".join(f"<th>{esc(label)}</th>" for label in labels)
+    rows = "".join(
+        f"<tr><td>{100 * f:.0f}%</td>"
+        + "".join(f"<td>{100 * referral['accuracy'][label][i]:.2f}%</td>" for label in labels) + "</tr>"
+        for i, f in enumerate(referral["fractions"]))
+    random = ", ".join(f"{esc(name)} {100 * acc:.2f}%" for name, acc in referral["random"].items())
+    return (f"<h2>Referral</h2><table><thead><tr><th>referred</th>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            f"<p class=\"note\">Accuracy on the kept test cases. Random referral keeps, on average, the "
+            f"accuracy without referral: {random}.</p>")
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -176,7 +234,8 @@ def _json_safe(value: Any) -> Any:
 
 def write_report(out_dir: str | Path, evaluations: Sequence[ModelEvaluation], *, title: str,
                  summary: str = "", settings: Mapping[str, Any] | None = None,
-                 histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> Report:
+                 histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+                 referral: bool = False) -> Report:
     """Write ``report.html``, ``results.json`` and ``images/*.png`` into ``out_dir``.
 
     Args:
@@ -186,6 +245,8 @@ def write_report(out_dir: str | Path, evaluations: Sequence[ModelEvaluation], *,
         summary: a paragraph (plain text) under the title.
         settings: data and training settings, shown on the page and stored in the JSON.
         histories: per model name, its training epochs (``EpochSummary`` as dicts).
+        referral: add the referral curves (a figure, and :func:`referral_results` under
+            the JSON's ``"referral"`` key).
 
     Returns:
         A :class:`Report` with the written paths.
@@ -199,6 +260,8 @@ def write_report(out_dir: str | Path, evaluations: Sequence[ModelEvaluation], *,
     images = directory / IMAGES_DIR
     images.mkdir(parents=True, exist_ok=True)
     figures = _make_figures(evaluations, images)
+    if referral:
+        figures.append(_referral_figure(evaluations, images))
     settings = dict(settings or {})
     histories = dict(histories or {})
     from torchbayes import __version__
@@ -214,6 +277,8 @@ def write_report(out_dir: str | Path, evaluations: Sequence[ModelEvaluation], *,
         "metric_labels": METRIC_LABELS,
         "images": [str(f.path.relative_to(directory)) for f in figures],
     }
+    if referral:
+        results["referral"] = referral_results(evaluations)
     json_path = directory / REPORT_JSON
     json_path.write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
 
@@ -230,6 +295,8 @@ def write_report(out_dir: str | Path, evaluations: Sequence[ModelEvaluation], *,
               "how well the uncertainty separates inputs of held-out classes from test inputs (0.5 = chance, "
               "1 = perfect). Mutual information is the epistemic part of the uncertainty, which only a "
               "Bayesian model has.</p>"]
+    if referral:
+        parts.append(_referral_table(results["referral"]))
     for section, items in sections.items():
         parts.append(f"<h2>{esc(section)}</h2><div class=\"figures\">")
         for f in items:

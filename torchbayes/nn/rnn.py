@@ -232,6 +232,9 @@ class _BayesRNNBase(BayesianModule):
             output, final = self._fused_forward(input, states, self.sample_weights())
         else:
             output, final = self._loop_forward(input, states)
+            if torch.is_autocast_enabled(input.device.type):
+                dtype = self._fused_autocast_dtype(input, states)
+                output, final = output.to(dtype), tuple(s.to(dtype) for s in final)
         if not batched:
             output = output.squeeze(batch_dim)
             final = tuple(s.squeeze(1) for s in final)
@@ -239,6 +242,25 @@ class _BayesRNNBase(BayesianModule):
 
     def _initial_state(self, input: Tensor, hx: Any, batched: bool, batch_size: int) -> tuple[Tensor, ...]:
         raise NotImplementedError
+
+    def _fused_autocast_dtype(self, input: Tensor, states: tuple[Tensor, ...]) -> torch.dtype:
+        """The output dtype of torch's fused kernel on ``input`` under the autocast in force.
+
+        The flipout loop computes in the parameters' dtype, but a drop-in twin must return
+        what ``torch.nn.LSTM``/``GRU`` returns under autocast, and that differs by kernel and
+        device (CPU runs LSTM in bfloat16, GRU in float32). One time step of one example on
+        the posterior means, without dropout or gradients, asks the kernel itself.
+        """
+        time_dim, batch_dim = (1, 0) if self.batch_first else (0, 1)
+        if input.shape[time_dim] == 0 or input.shape[batch_dim] == 0:
+            return input.dtype
+        step = input.narrow(time_dim, 0, 1).narrow(batch_dim, 0, 1)
+        hx = tuple(s.narrow(1, 0, 1) for s in states)
+        weights = [getattr(self, f"{name}_mu").detach() for name in self._flat_weights_names]
+        with torch.no_grad():
+            probe = type(self)._fused(step, hx if len(hx) > 1 else hx[0], weights, self.bias,
+                                      self.num_layers, 0.0, False, self.bidirectional, self.batch_first)
+        return probe[0].dtype
 
     def _run_packed(self, input: PackedSequence, hx: Any) -> tuple[PackedSequence, tuple[Tensor, ...]]:
         """Variable-length sequences, as ``torch.nn.LSTM`` takes them (fused kernel only)."""

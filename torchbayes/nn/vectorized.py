@@ -29,7 +29,9 @@ opts in by setting the class attribute ``supports_sample_groups = True`` and, wh
 its input as ``g.num_groups`` blocks with one independent draw each (one draw per
 block for all its examples when ``g.shared_weights``). Modules that do not opt in (the
 default) make :func:`torchbayes.predict` fall back to one sample per forward pass,
-which is always correct.
+which is always correct. A module may also set ``preferred_rows_per_pass`` (an int):
+``predict``'s default ``chunk_size`` keeps ``G * batch`` at most the smallest such
+preference in the model (by default 8192 rows for linear layers, 256 for convolutions).
 """
 
 from __future__ import annotations
