@@ -1,4 +1,4 @@
-"""The ``torchbayes`` command: ``demo``, ``train``, ``evaluate`` and ``quantize``.
+"""The ``torchbayes`` command: ``demo``, ``medical``, ``train``, ``evaluate`` and ``quantize``.
 
 Exit codes (stable, for scripts):
 
@@ -148,6 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="reduced version: an MLP on 8x8 digits, seconds")
     _add_common(demo)
 
+    medical = commands.add_parser(
+        "medical", help="breast-cancer triage: which diagnoses to refer to a doctor (referral curves)",
+        description="Train a deterministic MLP and its Bayesian twin on scikit-learn's breast-cancer data "
+                    "(Wisconsin diagnostic) and report the referral curve: accuracy on the cases each model "
+                    "keeps when the most uncertain ones are referred, against random referral.")
+    medical.add_argument("--out", default="torchbayes-medical", help="report folder (default ./torchbayes-medical)")
+    medical.add_argument("--quick", action="store_true", help="fewer epochs and samples (what the tests run)")
+    _add_common(medical)
+
     train = commands.add_parser("train", help="train a deterministic or Bayesian classifier and save it",
                                 description="Train a classifier and save a checkpoint; --report also "
                                             "evaluates it and writes the report.")
@@ -217,6 +226,16 @@ def _run_demo(args: argparse.Namespace, console: _Console) -> int:
 
     result = run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device,
                       show_progress=not args.quiet, echo=console)
+    if args.quiet:
+        print(result.report.html)
+    return EXIT_OK
+
+
+def _run_medical(args: argparse.Namespace, console: _Console) -> int:
+    from torchbayes.cli.medical import run_medical
+
+    result = run_medical(args.out, quick=args.quick, seed=args.seed, device=args.device,
+                         show_progress=not args.quiet, echo=console)
     if args.quiet:
         print(result.report.html)
     return EXIT_OK
@@ -338,7 +357,7 @@ def _run_quantize(args: argparse.Namespace, console: _Console) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, _Console], int]] = {
-    "demo": _run_demo, "train": _run_train, "evaluate": _run_evaluate, "quantize": _run_quantize,
+    "demo": _run_demo, "medical": _run_medical, "train": _run_train, "evaluate": _run_evaluate, "quantize": _run_quantize,
 }
 
 

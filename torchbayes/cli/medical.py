@@ -153,8 +153,8 @@ def run_medical(out_dir: str | Path, *, quick: bool = False, seed: int = 0, devi
     referral = referral_results(evaluations)
     echo("")
     for label, accuracy in referral["accuracy"].items():
-        echo(f"referral, {label}: " + "  ".join(
-            f"{100 * f:.0f}% -> {100 * a:.1f}%" for f, a in zip(referral["fractions"], accuracy) if f in (0, 0.1, 0.3, 0.5)))
+        shown = [(f, a) for f, a in zip(referral["fractions"], accuracy) if f in (0, 0.1, 0.3, 0.5)]
+        echo(f"referral, {label}: " + "  ".join(f"{100 * f:.0f}% -> {100 * a:.1f}%" for f, a in shown))
     seconds = time.perf_counter() - start
     echo(f"report: {report.html}  (numbers: {report.json}; {seconds:.0f} s)")
     return MedicalResult(report, evaluations, referral, seconds)

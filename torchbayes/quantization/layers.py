@@ -65,11 +65,6 @@ class QuantizedBayesianModule(BayesianModule):
     """
 
     supports_sample_groups = True
-    #: Rows per forward pass at which this layer's INT8 path runs fastest on a CPU: the
-    #: activations of a pass then stay in the L2 cache, where the elementwise steps
-    #: (quantizing inputs, adding noise) run several times faster. A hint for choosing
-    #: ``torchbayes.predict``'s ``chunk_size`` (``rows // batch``).
-    preferred_rows_per_pass: int = 1024
 
     def __init__(self, estimator: str) -> None:
         super().__init__(estimator=estimator)
@@ -267,7 +262,6 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
 
     _float_cls: type[nn.Module]
     _torch_cls: type[nn.modules.conv._ConvNd]
-    preferred_rows_per_pass = 256
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
                  padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
