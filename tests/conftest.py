@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from torchbayes.datasets import DatasetSplits, load_dataset
 
 
+# Under pytest-xdist (CI runs `-n 2` on 2 cores) each worker gets one core: two workers
+# with two OpenMP threads each oversubscribe the cores, and small ops then stall for tens
+# of milliseconds waiting for a descheduled thread. Run alone, tests use 2 threads.
+_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads() -> None:
-    # Every test starts from the same global random state; 2 threads like CI.
+    # Every test starts from the same global random state and thread count.
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -119,7 +119,8 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0, device:
     report = write_report(out_dir, evaluations, title=f"torchbayes demo: deterministic vs Bayesian "
                           f"{det_config.model} on {data.name}", summary=summary, settings=settings,
                           histories={names[0]: [asdict(h) for h in det_history],
-                                     names[1]: [asdict(h) for h in bayes_history]})
+                                     names[1]: [asdict(h) for h in bayes_history]},
+                          referral=True)
     seconds = time.perf_counter() - start
     echo(f"report: {report.html}  (numbers: {report.json}; {seconds:.0f} s)")
     return DemoResult(report, evaluations, seconds)
