@@ -81,31 +81,59 @@ def _log_sigma_is_safe(rho: Tensor) -> bool:
     return rho.device.type == "cpu" and rho.numel() > 0 and float(rho.min()) > _SOFTPLUS_SAFE_LOG_ABOVE
 
 
-def _kl_sum(rho: Tensor, sigma: Tensor, diff: Tensor, sigma_p: Tensor, safe: bool) -> tuple[Tensor, Tensor]:
+def _sum_of_squares(t: Tensor) -> Tensor:
+    # A BLAS dot reads t once and writes nothing: cheaper than square() then sum().
+    if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
+        flat = t.reshape(-1)
+        return torch.dot(flat, flat)
+    return t.square().sum()
+
+
+def _kl_sum(rho: Tensor, sigma: Tensor, diff: Tensor, sigma_p: Tensor | float,
+            safe: bool) -> tuple[Tensor, Tensor | float]:
     """Closed-form KL summed over weights, and ``1 / sigma_p^2`` for the backward pass.
 
     ``KL = log sigma_p - log sigma_q + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2``.
+    A scalar prior comes as a Python float: its constants then cost no tensor operations.
     """
-    inv_var_p = sigma_p.square().reciprocal_()
-    quad = torch.addcmul(sigma.square(), diff, diff)
     numel = rho.numel()
-    if inv_var_p.numel() == 1:  # scalar prior: reduce first, scale once
-        total = quad.sum() * (0.5 * inv_var_p.reshape(())) + numel * (torch.log(sigma_p).reshape(()) - 0.5)
-    else:
-        total = (quad.mul_(inv_var_p).sum() * 0.5
-                 + torch.log(sigma_p).expand(rho.shape).sum() - 0.5 * numel)
-    log_sigma = torch.log(sigma) if safe else log_softplus(rho)
-    return total - log_sigma.sum(), inv_var_p
+    log_sigma_sum = (torch.log(sigma) if safe else log_softplus(rho)).sum()
+    if isinstance(sigma_p, float):  # reduce first, scale once
+        inv_var_p = 1.0 / (sigma_p * sigma_p)
+        quad = _sum_of_squares(sigma).add_(_sum_of_squares(diff))
+        return quad.mul_(0.5 * inv_var_p).sub_(log_sigma_sum).add_(numel * (math.log(sigma_p) - 0.5)), inv_var_p
+    inv_var_p_t = sigma_p.square().reciprocal_()
+    quad = torch.addcmul(sigma.square(), diff, diff)
+    total = (quad.mul_(inv_var_p_t).sum() * 0.5
+             + torch.log(sigma_p).expand(rho.shape).sum() - 0.5 * numel)
+    return total - log_sigma_sum, inv_var_p_t
+
+
+def _scalar_prior(mu_p: Tensor, sigma_p: Tensor) -> tuple[Tensor | float, Tensor | float]:
+    # CPU scalar priors (the default and the reference's) become Python floats.
+    if sigma_p.numel() == 1 and mu_p.numel() == 1 and sigma_p.device.type == "cpu":
+        return float(mu_p), float(sigma_p)
+    return mu_p, sigma_p
 
 
 def _kl_grad_rho(rho: Tensor, sigma: Tensor, inv_var_p: Tensor, g: Tensor, sig: Tensor,
-                 safe: bool) -> Tensor:
-    """``g * dKL/drho = g * (sigma / sigma_p^2 - 1 / sigma) * sigmoid(rho)``, ``sig = sigmoid(rho)``."""
+                 safe: bool, draw_term: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+    """``g * dKL/drho = g * (sigma / sigma_p^2 - 1 / sigma) * sigmoid(rho)``, ``sig = sigmoid(rho)``.
+
+    ``draw_term = (a, b, v)``, if given, adds the draw's own gradient
+    ``v * a * b * sigmoid(rho)``, folded into the same passes over memory.
+    """
     if safe:
-        return sigma.reciprocal().mul_(-g).addcmul_(sigma, g * inv_var_p).mul_(sig)
+        grad = sigma.reciprocal().mul_(-g).addcmul_(sigma, g * inv_var_p)
+        if draw_term is not None:
+            grad.addcmul_(draw_term[0], draw_term[1], value=draw_term[2])
+        return grad.mul_(sig)
     # sigmoid(rho) / softplus(rho) -> 1 as rho -> -inf, where 1/sigma alone overflows.
     ratio = torch.exp(F.logsigmoid(rho) - log_softplus(rho))
-    return (sigma * sig).mul_(g * inv_var_p).sub_(ratio.mul_(g))
+    grad = (sigma * sig).mul_(g * inv_var_p).sub_(ratio.mul_(g))
+    if draw_term is not None:
+        grad.addcmul_(draw_term[0] * draw_term[1], sig, value=draw_term[2])
+    return grad
 
 
 class KLToken:
@@ -144,30 +172,43 @@ class _PosteriorDraw(torch.autograd.Function):
         kl = diff = inv_var_p = None
         ctx.safe = True
         if sigma_p is not None:
-            diff = mu - mu_p
+            mu_p, sigma_p = _scalar_prior(mu_p, sigma_p)
+            # The default prior mean is a scalar 0: then mu itself is the difference.
+            diff = mu if isinstance(mu_p, float) and mu_p == 0.0 else mu - mu_p
             ctx.safe = _log_sigma_is_safe(rho)
             kl, inv_var_p = _kl_sum(rho, sigma, diff, sigma_p, ctx.safe)
         ctx.kind, ctx.token = kind, token
-        ctx.save_for_backward(rho, sigma, eps, diff, inv_var_p)
+        ctx.inv_var_p = inv_var_p if isinstance(inv_var_p, float) else None
+        ctx.save_for_backward(rho, sigma, eps, diff, None if ctx.inv_var_p is not None else inv_var_p)
         return out, kl
 
     @staticmethod
     def backward(ctx, g_out: Tensor | None, g_kl: Tensor | None):  # type: ignore[override]
         rho, sigma, eps, diff, inv_var_p = ctx.saved_tensors
+        if ctx.inv_var_p is not None:
+            inv_var_p = ctx.inv_var_p
         if ctx.token is not None:
             ctx.token.consumed = True
-        grad_mu = grad_rho = None
         sig = torch.sigmoid(rho)
+        # The draw's own gradient w.r.t. sigma, v * a * b (times sigmoid(rho) for rho).
+        draw_term = None
         if g_out is not None:
-            grad_mu = g_out if ctx.kind == "sample" else None
-            grad_rho = (eps * g_out if eps is not None else sigma * (2.0 * g_out)).mul_(sig)
-        if g_kl is not None and diff is not None:
-            kl_mu = diff * (g_kl * inv_var_p)
-            if kl_mu.shape != rho.shape:
-                kl_mu = kl_mu.expand(rho.shape)
-            grad_mu = kl_mu if grad_mu is None else kl_mu.add(grad_mu)
-            kl_rho = _kl_grad_rho(rho, sigma, inv_var_p, g_kl, sig, ctx.safe)
-            grad_rho = kl_rho if grad_rho is None else grad_rho.add_(kl_rho)
+            draw_term = (eps, g_out, 1.0) if eps is not None else (sigma, g_out, 2.0)
+        grad_mu = g_out if g_out is not None and ctx.kind == "sample" else None
+        if g_kl is None or diff is None:
+            grad_rho = None
+            if draw_term is not None:
+                grad_rho = (draw_term[0] * draw_term[1]).mul_(sig)
+                if draw_term[2] != 1.0:
+                    grad_rho.mul_(draw_term[2])
+            return grad_mu, grad_rho, None, None, None, None
+        scale = g_kl * inv_var_p
+        if grad_mu is not None and scale.numel() == 1 and diff.shape == rho.shape:
+            grad_mu = torch.addcmul(grad_mu, diff, scale)
+        else:
+            kl_mu = (diff * scale).expand(rho.shape)
+            grad_mu = kl_mu if grad_mu is None else kl_mu + grad_mu
+        grad_rho = _kl_grad_rho(rho, sigma, inv_var_p, g_kl, sig, ctx.safe, draw_term)
         return grad_mu, grad_rho, None, None, None, None
 
 
@@ -240,15 +281,19 @@ class _GaussianKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu_q: Tensor, rho_q: Tensor, mu_p: Tensor, sigma_p: Tensor) -> Tensor:  # type: ignore[override]
         sigma_q = F.softplus(rho_q)
+        mu_p, sigma_p = _scalar_prior(mu_p, sigma_p)
         diff = mu_q - mu_p
         ctx.safe = _log_sigma_is_safe(rho_q)
         total, inv_var_p = _kl_sum(rho_q, sigma_q, diff, sigma_p, ctx.safe)
-        ctx.save_for_backward(rho_q, sigma_q, diff, inv_var_p)
+        ctx.inv_var_p = inv_var_p if isinstance(inv_var_p, float) else None
+        ctx.save_for_backward(rho_q, sigma_q, diff, None if ctx.inv_var_p is not None else inv_var_p)
         return total
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         rho_q, sigma_q, diff, inv_var_p = ctx.saved_tensors
+        if ctx.inv_var_p is not None:
+            inv_var_p = ctx.inv_var_p
         grad_mu = grad_rho = None
         if ctx.needs_input_grad[0]:
             grad_mu = diff * (grad * inv_var_p)
