@@ -6,7 +6,7 @@ Python values (dicts, lists, strings, numbers), and it is always read back with
 file carrying any other object is refused with a :class:`CheckpointError`.
 
 Why ``torch.save`` + ``weights_only`` rather than safetensors: it needs no dependency
-beyond torch (safetensors is an optional extra here), it stores the nested settings
+beyond torch (safetensors would be one more), it stores the nested settings
 (conversion arguments, per-layer estimators and priors) natively instead of as JSON
 strings, and PyTorch's restricted unpickler gives the same guarantee that no code runs.
 Neither format checks the integrity of the tensor bytes, so a SHA-256 digest of every
