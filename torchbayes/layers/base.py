@@ -106,6 +106,29 @@ def _check_reference_prior(owner: str, prior_mean: Any, prior_variance: Any) -> 
                          f"Bayesian-Torch) must be > 0, got {prior_variance!r}")
 
 
+def _bind_reference_arguments(layer: nn.Module, args: tuple[Any, ...],
+                              kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A front door's constructor arguments by name (the reference's signature, defaults
+    applied), with the prior arguments checked; errors name the class."""
+    try:
+        bound = layer.__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
+    except TypeError as error:
+        raise TypeError(f"{type(layer).__name__}: {error}") from None
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    _check_reference_prior(type(layer).__name__, arguments["prior_mean"], arguments["prior_variance"])
+    return arguments
+
+
+def _finish_reference_setup(layer: nn.Module, prior_mean: Any, prior_variance: Any) -> None:
+    """The reference's attributes and checkpoint key names on a constructed front door."""
+    layer.prior_mean = prior_mean
+    layer.prior_variance = prior_variance
+    layer.dnn_to_bnn_flag = False
+    layer.register_state_dict_post_hook(_save_with_reference_keys)
+    layer.register_load_state_dict_pre_hook(_load_reference_keys)
+
+
 class ReferenceLayer(BayesianWeightLayer):
     """Mixin giving a native weight layer the reference's constructor and conventions.
 
@@ -133,24 +156,14 @@ class ReferenceLayer(BayesianWeightLayer):
     prior_bias_sigma = _prior_alias("bias", "sigma")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            bound = self.__signature__.bind(*args, **kwargs)
-        except TypeError as error:
-            raise TypeError(f"{type(self).__name__}: {error}") from None
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
+        arguments = _bind_reference_arguments(self, args, kwargs)
         priors = {name: arguments.pop(name) for name, _ in PRIOR_ARGUMENTS}
-        _check_reference_prior(type(self).__name__, priors["prior_mean"], priors["prior_variance"])
         super().__init__(**arguments, prior_mu=priors["prior_mean"],
                          prior_sigma=priors["prior_variance"],
                          posterior_mu_init=priors["posterior_mu_init"],
                          posterior_rho_init=priors["posterior_rho_init"],
                          estimator=self._estimator)
-        self.prior_mean = priors["prior_mean"]
-        self.prior_variance = priors["prior_variance"]
-        self.dnn_to_bnn_flag = False
-        self.register_state_dict_post_hook(_save_with_reference_keys)
-        self.register_load_state_dict_pre_hook(_load_reference_keys)
+        _finish_reference_setup(self, priors["prior_mean"], priors["prior_variance"])
 
     def reset_parameters(self) -> None:
         """Draw ``mu ~ N(posterior_mu_init, 0.1)`` and ``rho ~ N(posterior_rho_init, 0.1)``, as the reference."""

@@ -18,9 +18,8 @@ from torchbayes.layers.base import (
     PRIOR_ARGUMENTS,
     REQUIRED,
     ReferenceLayer,
-    _check_reference_prior,
-    _load_reference_keys,
-    _save_with_reference_keys,
+    _bind_reference_arguments,
+    _finish_reference_setup,
     reference_signature,
 )
 from torchbayes.nn.rnn import BayesLSTM
@@ -118,22 +117,13 @@ class _ReferenceLSTM(BayesLSTM):
     kl_loss = ReferenceLayer.kl_loss
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        try:
-            bound = self.__signature__.bind(*args, **kwargs)
-        except TypeError as error:
-            raise TypeError(f"{type(self).__name__}: {error}") from None
-        bound.apply_defaults()
-        a = bound.arguments
-        _check_reference_prior(type(self).__name__, a["prior_mean"], a["prior_variance"])
+        a = _bind_reference_arguments(self, args, kwargs)
         super().__init__(a["in_features"], a["out_features"], bias=a["bias"], batch_first=True,
                          prior_mu=a["prior_mean"], prior_sigma=a["prior_variance"],
                          posterior_mu_init=a["posterior_mu_init"],
                          posterior_rho_init=a["posterior_rho_init"], estimator=self._estimator)
         self.in_features, self.out_features = a["in_features"], a["out_features"]
-        self.prior_mean, self.prior_variance = a["prior_mean"], a["prior_variance"]
-        self.dnn_to_bnn_flag = False
-        self.register_state_dict_post_hook(_save_with_reference_keys)
-        self.register_load_state_dict_pre_hook(_load_reference_keys)
+        _finish_reference_setup(self, a["prior_mean"], a["prior_variance"])
 
     @classmethod
     def _reference_keys(cls) -> dict[str, str]:
