@@ -156,18 +156,29 @@ def test_converted_resnet18_matches_loop() -> None:
     assert_same_distribution(result.samples, plain_loop(net, x, draws))
 
 
+def _correlation(s: torch.Tensor, a: tuple, b: tuple) -> torch.Tensor:
+    """Sample correlation, over dim 0 of ``s``, of the entries at indices ``a`` and ``b``."""
+    c = s - s.mean(0)
+    return (c[(slice(None), *a)] * c[(slice(None), *b)]).mean(0) / (c[(slice(None), *a)].std(0)
+                                                                    * c[(slice(None), *b)].std(0))
+
+
 def test_shared_weights_gives_joint_samples() -> None:
     model, _ = _conv_model("conv2d", "flipout")
     x = torch.randn(1, 2, 5, 5).expand(6, -1, -1, -1)  # six copies of one input
     joint = predict(model, x, 8, shared_weights=True, seed=6, task="regression").samples
     torch.testing.assert_close(joint, joint[:, :1].expand_as(joint))  # one network per sample
-    independent = predict(model, x, 8, seed=6, task="regression").samples
-    assert not torch.allclose(independent[:, 0], independent[:, 1])
-    mlp = _mlp("local")
-    xs = torch.randn(1, 16).expand(40, -1)
-    for batch_rows in (xs[:3], xs):  # small and large batches take different paths
-        joint = predict(mlp, batch_rows, 5, shared_weights=True, seed=6, task="regression").samples
-        torch.testing.assert_close(joint, joint[:, :1].expand_as(joint))
+    # Joint samples: the correlation between two DIFFERENT inputs' outputs is the one a single
+    # network draw gives (the plain loop). Its standard error is <= 1/sqrt(S) = 0.016 at
+    # S = 4000; 5 standard errors of a difference of two estimates: 5 * sqrt(2) * 0.016 = 0.11.
+    mlp = _mlp("reparameterization")  # its plain loop draws one network per forward
+    for batch in (2, 40):  # small and large batches take different paths
+        xs = torch.randn(batch, 16)
+        joint = predict(mlp, xs, 4000, shared_weights=True, seed=6, task="regression").samples.double()
+        loop = plain_loop(mlp, xs, 4000).double()
+        assert_same_distribution(joint, loop)
+        for a, b in (((0, 0), (1, 0)), ((0, 1), (1, 2))):
+            assert abs(_correlation(joint, a, b) - _correlation(loop, a, b)) < 0.11
 
 
 def test_sigma_to_zero_equals_torch_twin() -> None:
@@ -303,3 +314,31 @@ def test_bad_input() -> None:
         predict(model, x, task="segmentation")
     with pytest.raises(ValueError, match="outputs"):
         predict(model, x, outputs="log_probs")
+
+
+def test_linear_on_sequences_keeps_the_weight_shared_across_positions() -> None:
+    # A linear layer applied to (B, T, F) uses one weight for all T positions of an example,
+    # so an example's outputs at two positions are correlated (covariance
+    # sum_i x_ti x_si sigma_i^2); independent noise per position would make them uncorrelated.
+    layer = BayesLinear(6, 2, posterior_rho_init=0.0, bias=False)  # sigma = softplus(0) ~ 0.69
+    x = torch.randn(3, 4, 6)
+    x[:, 1] = x[:, 0]  # positions 0 and 1 equal: outputs perfectly correlated under one weight
+    samples = predict(layer, x, NUM_DRAWS, seed=9, task="regression").samples
+    assert_same_distribution(samples, plain_loop(layer, x, NUM_DRAWS))
+    torch.testing.assert_close(samples[:, :, 0], samples[:, :, 1])
+
+
+def test_local_noise_shared_by_a_group_keeps_each_example_exact() -> None:
+    # predict draws local-reparameterization noise once per group and output unit; each
+    # example's own outputs must still be exact draws, including the correlation between two
+    # outputs of one example that comes from the shared hidden layer.
+    model = _mlp("local")
+    x = torch.randn(4, 16)
+    samples = predict(model, x, 4000, seed=10, task="regression").samples.double()
+    loop = plain_loop(model, x, 4000).double()
+    assert_same_distribution(samples, loop)
+    # Correlation of outputs 0 and 1 of each example: its standard error is at most
+    # (1 - r^2) / sqrt(S) <= 0.016 at S = 4000; 5 standard errors of the difference of two
+    # independent estimates is 5 * sqrt(2) * 0.016 = 0.11.
+    for b in range(4):
+        assert abs(_correlation(samples, (b, 0), (b, 1)) - _correlation(loop, (b, 0), (b, 1))) < 0.11

@@ -33,7 +33,7 @@ VARIANCE_OUTPUTS = (None, "variance", "log_variance")
 # Rows (examples x samples) per forward pass when chunk_size is not given, measured on
 # the benchmark models (benchmarks/bench_predict.py): fully connected nets gain from big
 # tiled batches; convolutions run fastest when each pass's activations stay in cache.
-_ROWS_PER_PASS = 8192
+_ROWS_PER_PASS = 2048
 _ROWS_PER_PASS_CONV = 256
 
 
@@ -116,8 +116,9 @@ def predict(
     Exactness: each example's ``S`` outputs are independent draws from the posterior
     predictive, whatever the layers' training estimator (convolutions always sample
     whole kernels, linear layers use local reparameterization, which is exact for them).
-    Different examples of one sample may use different weight draws unless
-    ``shared_weights=True``.
+    Within one sample, different examples are not one network draw (linear layers share
+    their local-reparameterization noise across examples, so their outputs are
+    correlated, but not as one network's are) unless ``shared_weights=True``.
 
     Args:
         model: a module containing torchbayes Bayesian layers; examples must be
@@ -230,10 +231,13 @@ def _draw_samples(model: nn.Module, x: Tensor, num_samples: int, chunk_size: int
     largest = sizes[0]
     tiled = x.unsqueeze(0).expand(largest, *x.shape).reshape(largest * batch, *x.shape[1:])
     cache: dict = {}
-    modes = [(m, m.training) for m in model.modules()]
+    # Only modules in training mode are switched (and switched back): most models arrive in
+    # eval mode, and nn.Module attribute writes are slow enough to show at batch 1.
+    training = [m for m in model.modules() if m.training]
     chunks: list[Tensor] = []
     try:
-        model.eval()
+        if training:
+            model.eval()
         with torch.no_grad(), (noise.noise_generator(seed) if seed is not None else contextlib.nullcontext()):
             for size in sizes:
                 rows = tiled[: size * batch]
@@ -247,8 +251,8 @@ def _draw_samples(model: nn.Module, x: Tensor, num_samples: int, chunk_size: int
                                        f"({size * batch} rows in this pass), got {shape}")
                 chunks.append(out.reshape(size, batch, *out.shape[1:]))
     finally:
-        for m, mode in modes:
-            m.training = mode
+        for m in training:
+            m.training = True
     return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
@@ -258,11 +262,10 @@ def _classification_result(samples: Tensor, outputs: str) -> ClassificationPredi
     probs = F.softmax(samples, dim=-1) if outputs == "logits" else samples
     mean = probs.mean(0)
     confidence, predicted = mean.max(-1)
+    predictive, expected, mutual = uncertainty.entropy_decomposition(probs)
     return ClassificationPrediction(
-        samples=samples, mean=mean, probabilities=probs,
-        predictive_entropy=uncertainty.predictive_entropy(probs),
-        expected_entropy=uncertainty.expected_entropy(probs),
-        mutual_information=uncertainty.mutual_information(probs),
+        samples=samples, mean=mean, probabilities=probs, predictive_entropy=predictive,
+        expected_entropy=expected, mutual_information=mutual,
         predicted_class=predicted, confidence=confidence)
 
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["VarianceDecomposition", "expected_entropy", "mutual_information", "predictive_entropy",
+__all__ = ["VarianceDecomposition", "entropy_decomposition", "expected_entropy", "mutual_information",
+           "predictive_entropy",
            "variance_decomposition"]
 
 ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
@@ -102,8 +103,24 @@ def mutual_information(mc_probs: ArrayT) -> ArrayT:
         >>> mutual_information(np.array([[[1.0, 0.0]], [[0.0, 1.0]]]))   # array([0.6931...]) = log 2
     """
     t = _as_tensor(mc_probs, "mc_probs")
-    mi = (_entropy(t.mean(0)) - _entropy(t).mean(0)).clamp_min(0.0)
-    return _like(mi, mc_probs)  # type: ignore[return-value]
+    return _like(entropy_decomposition(t)[2], mc_probs)  # type: ignore[return-value]
+
+
+def entropy_decomposition(mc_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Predictive entropy, expected entropy and mutual information, sharing the work.
+
+    Args:
+        mc_probs: class probabilities of ``S`` samples, shape ``(S, ..., C)``.
+
+    Returns:
+        ``(predictive_entropy, expected_entropy, mutual_information)``, each ``(...)``.
+
+    Example:
+        >>> total, aleatoric, epistemic = entropy_decomposition(torch.full((8, 4, 3), 1 / 3))
+    """
+    predictive = _entropy(mc_probs.mean(0))
+    expected = _entropy(mc_probs).mean(0)
+    return predictive, expected, (predictive - expected).clamp_min(0.0)
 
 
 class VarianceDecomposition(NamedTuple):

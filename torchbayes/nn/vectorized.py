@@ -7,14 +7,17 @@ each block its own, independent posterior draw. A model's ordinary ``forward``
 Monte Carlo samples at once when fed its batch tiled ``G`` times, which is what
 :func:`torchbayes.predict` does. The layers pick, per call, the cheapest exact way:
 
-* **Linear layers, one posterior draw per example** (the default): local
-  reparameterization, ``N(x mu^T + b, x^2 sigma^2^T + sigma_b^2)`` per output. For a
-  linear layer this is exactly the distribution of the output under a fresh weight
-  sample for every example, at the cost of output-sized noise. When the input is the
-  same in every group (the first Bayesian layer sees the tiled batch), its mean and
-  variance are computed once and only the noise is drawn ``G`` times. When the batch is
-  large, one weight sample per group and a batched matmul (``bmm``) draws less noise and
-  is used instead; which is cheaper is decided from the layer's sizes.
+* **Linear layers** on ``(rows, features)`` inputs: local reparameterization,
+  ``N(x mu^T + b, x^2 sigma^2^T + sigma_b^2)`` per output, exactly the distribution of
+  the output under a fresh weight sample. The Gaussian noise is drawn once per group and
+  output unit and shared by the group's examples: each example still meets fresh noise
+  in every layer, independent of everything upstream, so its own outputs are exact
+  posterior draws; only different examples of one group become correlated (as they are
+  under one shared weight sample). When the input is the same in every group (the first
+  Bayesian layer sees the tiled batch), the mean and variance are computed once. When a
+  weight draw per group is cheaper than local's second matmul (large groups), or the
+  input has more dimensions (positions of a sequence must share their weight), each
+  group draws one weight sample and runs a batched matmul instead.
 * **Convolutions**: local reparameterization is not exact for them (positions sharing a
   kernel would become independent), so each group gets a sampled kernel. On a shared
   input the ``G`` kernels are stacked into one convolution with ``G`` times the output
@@ -55,11 +58,13 @@ __all__ = ["SampleGroups", "active_sample_groups", "forward_sample_groups", "sam
 
 Op = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
-# Relative CPU costs of one Gaussian draw (randn plus the multiply-add using it) and of one
-# multiply-accumulate in a matmul, measured with 2 threads (about 8 ns and 0.045 ns); they
-# decide between output-sized noise (local) and weight-sized noise (bmm) for linear layers.
-_NOISE_COST = 180.0
+# Relative CPU costs, in matmul multiply-adds, of one Gaussian weight draw (randn and the
+# multiply-add using it) and of one elementwise activation operation; they decide between
+# local reparameterization and a weight draw per group for linear layers. Measured with 2
+# threads (benchmarks/bench_predict.py sizes): ~3 ns per draw, ~0.008 ns per multiply-add.
+_NOISE_COST = 400.0
 _MAC_COST = 1.0
+_ELEMENT_COST = 40.0
 # Up to this many examples per group, one grouped convolution over all groups beats a loop
 # over them (per-call overhead dominates small batches); above it the loop's cache use wins.
 _GROUPED_CONV_MAX_ROWS = 4
@@ -76,21 +81,27 @@ class SampleGroups:
         shared_input: a tensor whose ``G`` blocks are known to be identical (the tiled
             batch); a layer whose input is this tensor (or a contiguous reshape of it)
             computes what does not depend on the draw once.
-        cache: per-layer results on ``shared_input`` that do not depend on the draw,
-            reused across the forward passes of one prediction.
+        cache: per-layer results that do not depend on the draw (first-layer moments on
+            ``shared_input``, posterior variances) and scratch buffers, reused across the
+            forward passes of one prediction.
     """
 
     num_groups: int
     shared_weights: bool = False
     shared_input: Tensor | None = None
-    cache: dict[int, tuple[int, Tensor, Tensor]] = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
 
     def is_shared(self, x: Tensor) -> bool:
-        """Whether ``x`` occupies exactly ``shared_input``'s memory, row for row."""
+        """Whether ``x`` holds exactly ``shared_input``'s rows: the same memory, row for row.
+
+        True for ``shared_input`` itself and for views that only reshape each row (e.g.
+        ``Flatten``), including the stride-0 tiling of a single example.
+        """
         ref = self.shared_input
-        return (ref is not None and x.data_ptr() == ref.data_ptr() and x.dtype == ref.dtype
-                and x.numel() == ref.numel() and x.dim() > 0 and x.shape[0] == ref.shape[0]
-                and x.is_contiguous() and x.device == ref.device)
+        return (ref is not None and x.dim() > 0 and x.data_ptr() == ref.data_ptr()
+                and x.dtype == ref.dtype and x.device == ref.device and x.numel() == ref.numel()
+                and x.shape[0] == ref.shape[0] and x.stride(0) == ref.stride(0)
+                and x[0].is_contiguous() and ref[0].is_contiguous())
 
 
 _ACTIVE: contextvars.ContextVar[SampleGroups | None] = contextvars.ContextVar(
@@ -105,7 +116,7 @@ def active_sample_groups() -> SampleGroups | None:
 @contextlib.contextmanager
 def sample_groups(num_groups: int, *, shared_weights: bool = False,
                   shared_input: Tensor | None = None,
-                  cache: dict[int, tuple[int, Tensor, Tensor]] | None = None) -> Iterator[SampleGroups]:
+                  cache: dict | None = None) -> Iterator[SampleGroups]:
     """Make every Bayesian layer draw ``num_groups`` independent samples per forward pass.
 
     Args:
@@ -113,8 +124,8 @@ def sample_groups(num_groups: int, *, shared_weights: bool = False,
         shared_weights: one weight sample per block shared by its examples.
         shared_input: the tiled batch, whose blocks are identical (optional; enables the
             first layer's shortcut).
-        cache: a dict to keep draw-independent first-layer results in across passes
-            over the same ``shared_input`` rows.
+        cache: a dict to keep draw-independent results and scratch buffers in across
+            passes over the same ``shared_input`` rows and parameters.
 
     Returns:
         A context manager yielding the :class:`SampleGroups`.
@@ -175,26 +186,74 @@ def forward_sample_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, groups:
 def _linear_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared: bool,
                    groups: SampleGroups) -> Tensor:
     n_in, n_out = layer.weight_mu.shape[1], layer.weight_mu.shape[0]
-    rows = x.numel() // max(n_in, 1) // g  # examples (times any extra dims) per group
-    weight_draws = g * n_in * n_out * _NOISE_COST
+    rows = x.shape[0] // g
+    if (groups.shared_weights or x.dim() != 2
+            or not shared and _weight_draws_are_cheaper(rows, n_in, n_out)):
+        return _linear_weight_draws(layer, x, g, shared)
+    # Local reparameterization with the noise shared by the examples of a group: each
+    # example still sees a fresh N(0, I) per layer, so its own outputs are exact draws.
+    eps = noise.randn((g, 1, n_out), x)
+    if shared:
+        mean, std = _shared_local_moments(layer, x[:rows], op, groups)
+        return torch.addcmul(mean, std, eps).reshape(x.shape[0], n_out)
+    mean = op(x, layer.weight_mu, layer.bias_mu)
+    var_w, var_b = _posterior_variances(layer, groups)
+    # x^2 and the variance are scratch: reusing their memory across the passes of one
+    # prediction spares the page faults of fresh multi-megabyte allocations.
+    square = torch.square(x, out=_scratch(groups, layer, "square", x))
+    var = _scratch(groups, layer, "variance", mean)
+    if var_b is None:
+        torch.mm(square, var_w.t(), out=var)
+    else:
+        torch.addmm(var_b, square, var_w.t(), out=var)
+    # A sum of products of non-negative numbers is never negative: no clamp before sqrt.
+    std = var.sqrt_().view(g, rows, n_out)
+    return mean.view(g, rows, n_out).addcmul_(std, eps).view(x.shape[0], n_out)
+
+
+def _weight_draws_are_cheaper(rows: int, n_in: int, n_out: int) -> bool:
+    """Whether a weight draw per group beats local reparameterization's variance product.
+
+    Per group, local pays one more matmul (``rows * n_in * n_out`` multiply-adds) plus
+    squares and square roots of its activations; a weight draw pays ``n_in * n_out``
+    Gaussians and its multiply-add.
+    """
+    local = rows * (n_in * n_out * _MAC_COST + (n_in + n_out) * _ELEMENT_COST)
+    return n_in * n_out * _NOISE_COST < local
+
+
+def _variance(rho: Tensor | None) -> Tensor | None:
+    return None if rho is None else BF.softplus(rho).square_()
+
+
+def _posterior_variances(layer: BayesianWeightLayer, groups: SampleGroups) -> tuple[Tensor, Tensor | None]:
+    """``sigma^2`` of weight and bias, computed once per prediction (parameters are fixed)."""
+    key = (id(layer), "posterior_variances")
+    if key not in groups.cache:
+        groups.cache[key] = (_variance(layer.weight_rho), _variance(layer.bias_rho))
+    return groups.cache[key]
+
+
+def _scratch(groups: SampleGroups, layer: BayesianWeightLayer, name: str, like: Tensor) -> Tensor:
+    """A buffer shaped like ``like`` that ``layer`` reuses across the passes of a prediction."""
+    key = (id(layer), name)
+    buffer = groups.cache.get(key)
+    if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
+        buffer = torch.empty_like(like, memory_format=torch.contiguous_format)
+        groups.cache[key] = buffer
+    return buffer
+
+
+def _linear_weight_draws(layer: BayesianWeightLayer, x: Tensor, g: int, shared: bool) -> Tensor:
+    """One weight draw per group for all its examples (exact for any input shape)."""
+    n_in, n_out = layer.weight_mu.shape[1], layer.weight_mu.shape[0]
+    weight, bias = _weight_samples(layer, g)
     if shared:
         x0 = x[: x.shape[0] // g]
-        local = g * rows * n_out * _NOISE_COST
-        stacked = weight_draws + g * rows * n_in * n_out * _MAC_COST
-        if groups.shared_weights or stacked < local:
-            weight, bias = _weight_samples(layer, g)
-            out = torch.nn.functional.linear(
-                x0, weight.reshape(g * n_out, n_in), None if bias is None else bias.reshape(-1))
-            out = out.unflatten(-1, (g, n_out)).movedim(-2, 0)
-            return out.reshape(x.shape[0], *out.shape[2:])
-        mean, std = _shared_local_moments(layer, x0, op, groups)
-        out = torch.addcmul(mean, std, noise.randn((g, *mean.shape), mean))
-        return out.reshape(x.shape[0], *mean.shape[1:])
-    local = g * rows * n_out * (_NOISE_COST + 2 * n_in * _MAC_COST)
-    batched = weight_draws + g * rows * n_in * n_out * _MAC_COST
-    if not groups.shared_weights and local <= batched:
-        return layer._forward_local(x, op)
-    weight, bias = _weight_samples(layer, g)
+        out = torch.nn.functional.linear(
+            x0, weight.reshape(g * n_out, n_in), None if bias is None else bias.reshape(-1))
+        out = out.unflatten(-1, (g, n_out)).movedim(-2, 0)
+        return out.reshape(x.shape[0], *out.shape[2:])
     xg = x.reshape(g, -1, n_in)
     if bias is None:
         out = torch.bmm(xg, weight.transpose(1, 2))
@@ -216,9 +275,7 @@ def _shared_local_moments(layer: BayesianWeightLayer, x0: Tensor, op: Op,
     if entry is not None and entry[0] == version and entry[1].shape[0] == x0.shape[0]:
         return entry[1], entry[2]
     mean = op(x0, layer.weight_mu, layer.bias_mu)
-    var_w = BF.softplus(layer.weight_rho).square()
-    var_b = None if layer.bias_rho is None else BF.softplus(layer.bias_rho).square()
-    std = op(x0 * x0, var_w, var_b).clamp_min(0.0).sqrt()
+    std = op(torch.square(x0), *_posterior_variances(layer, groups)).sqrt_()
     groups.cache[id(layer)] = (version, mean, std)
     return mean, std
 
@@ -238,8 +295,8 @@ def _conv_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared: 
     if not shared and n <= _GROUPED_CONV_MAX_ROWS and not transposed and layer.padding_mode == "zeros":
         return _grouped_conv(layer, x, weight, bias, g)
     blocks = [x[:n]] * g if shared else x.split(n)
-    return torch.cat([op(block, weight[i], None if bias is None else bias[i])
-                      for i, block in enumerate(blocks)])
+    outputs = [op(block, weight[i], None if bias is None else bias[i]) for i, block in enumerate(blocks)]
+    return torch.cat(outputs) if g > 1 else outputs[0]
 
 
 def _grouped_conv(layer: BayesianWeightLayer, x: Tensor, weight: Tensor, bias: Tensor | None, g: int) -> Tensor:
