@@ -31,8 +31,9 @@ CLASSIFIER_OUTPUTS = ("logits", "probabilities")
 VARIANCE_OUTPUTS = (None, "variance", "log_variance")
 
 # Rows (examples x samples) per forward pass when chunk_size is not given, measured on
-# the benchmark models (benchmarks/bench_predict.py): fully connected nets gain from big
-# tiled batches; convolutions run fastest when each pass's activations stay in cache.
+# the benchmark models (benchmarks/bench_predict.py): fully connected nets gain from tiled
+# batches until each activation reaches a few megabytes, where fresh allocations start to
+# cost page faults; convolutions run fastest when each pass's activations stay in cache.
 _ROWS_PER_PASS = 2048
 _ROWS_PER_PASS_CONV = 256
 

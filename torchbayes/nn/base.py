@@ -96,8 +96,9 @@ class BayesianModule(nn.Module):
         self.estimator = canonical_estimator(estimator)
         self.deterministic = False
         self._variational_names: list[str] = []
-        # KL terms computed together with the last forward's draws (see _draw).
-        self._kl_cache: dict[str, tuple[Tensor, int, int, BF.KLToken]] = {}
+        # The KL computed together with the last forward's draws, keyed by the names drawn
+        # (see _draw_all): (kl, kl_parts, the mu/rho tensors drawn, their versions, token).
+        self._kl_cache: dict[tuple[str, ...], tuple[Tensor, Tensor, list[Tensor], list[int], BF.KLToken]] = {}
 
     # ----------------------------------------------------------------- parameters
     def register_variational(self, name: str, shape: tuple[int, ...], *,
@@ -153,34 +154,47 @@ class BayesianModule(nn.Module):
                 rho.fill_(self.posterior_rho_init)
 
     # ------------------------------------------------------------------------ KL
-    def _draw(self, name: str, kind: str) -> Tensor:
-        """A posterior draw of parameter ``name`` (see ``functional.DRAW_KINDS``).
+    def _draw_all(self, kind: str, with_means: bool = False) -> BF.PosteriorDraws:
+        """Posterior draws of every variational parameter, in :attr:`variational_names` order
+        (and their means, see ``functional.posterior_draws``).
 
-        While training with autograd, the draw also computes the parameter's KL (they
-        share ``softplus(rho)`` and ``sigmoid(rho)``) and caches it for the next
-        :meth:`kl_divergence` call, which takes it if the parameters are unchanged and
-        it has not been back-propagated yet; otherwise the KL is computed afresh.
+        All of them go through one autograd node (``functional.posterior_draws``; see
+        ``functional.DRAW_KINDS`` for ``kind``). While training with autograd, the same node
+        also computes their KL (they share ``softplus(rho)`` and the backward pass) and caches
+        it for the next :meth:`kl_divergence` call, which takes it if the parameters are
+        unchanged and it has not been back-propagated yet; otherwise the KL is computed afresh.
         """
-        mu, rho = getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho")
-        prior = getattr(self, f"{name}_prior")
-        fuse = (isinstance(prior, GaussianPrior) and torch.is_grad_enabled()
-                and rho.requires_grad and not torch.compiler.is_compiling())
+        names = tuple(self._variational_names)
+        params = self._mu_rho_pairs()
+        priors = [self._modules[name + "_prior"] for name in names]
+        self._kl_cache.clear()
+        fuse = (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and all(isinstance(prior, GaussianPrior) for prior in priors)
+                and any(rho.requires_grad for _, rho in params))
         if not fuse:
-            self._kl_cache.pop(name, None)
-            return BF.posterior_draw(mu, rho, kind)[0]
+            return BF.posterior_draws(params, kind, with_means=with_means)
         token = BF.KLToken()
-        draw, kl = BF.posterior_draw(mu, rho, kind, prior.mu, prior.sigma, token)
-        self._kl_cache[name] = (kl, mu._version, rho._version, token)
-        return draw
+        result = BF.posterior_draws(params, kind, [(p.mu, p.sigma) for p in priors], token, with_means)
+        tensors = [t for pair in params for t in pair]
+        self._kl_cache[names] = (result.kl, result.kl_parts, tensors, [t._version for t in tensors], token)
+        return result
 
-    def _cached_kl(self, name: str, mu: Tensor, rho: Tensor) -> Tensor | None:
-        entry = self._kl_cache.pop(name, None)
-        if entry is None or torch.compiler.is_compiling():
+    def _cached_kl(self) -> tuple[Tensor, Tensor] | None:
+        """``(kl, kl_parts)`` of the last forward's draws, if still valid (see :meth:`_draw_all`):
+        the same parameter tensors, unmodified since, and not back-propagated yet."""
+        entry = self._kl_cache.pop(tuple(self._variational_names), None)
+        if entry is None or torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return None
-        kl, mu_version, rho_version, token = entry
-        fresh = (mu._version == mu_version and rho._version == rho_version
-                 and not token.consumed and torch.is_grad_enabled())
-        return kl if fresh else None
+        kl, kl_parts, tensors, versions, token = entry
+        current = [t for pair in self._mu_rho_pairs() for t in pair]
+        fresh = (not token.consumed and all(a is b for a, b in zip(current, tensors))
+                 and [t._version for t in tensors] == versions)
+        return (kl, kl_parts) if fresh else None
+
+    def _mu_rho_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        # The parameter dict directly: a per-step path, where Module.__getattr__ adds up.
+        params = self._parameters
+        return [(params[name + "_mu"], params[name + "_rho"]) for name in self._variational_names]
 
     def kl_divergence(self, reduction: str = "sum") -> Tensor:
         """``KL(q || p)`` of this module's posterior from its prior.
@@ -196,13 +210,14 @@ class BayesianModule(nn.Module):
         """
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        terms = []
-        for name, mu, rho, prior in self.variational_parameters():
-            kl = self._cached_kl(name, mu, rho)
-            if kl is None:
-                terms.append(prior.kl_divergence(mu, rho, reduction))
-            else:
-                terms.append(kl if reduction == "sum" else kl / mu.numel())
+        cached = self._cached_kl()
+        if cached is not None:
+            kl, kl_parts = cached
+            if reduction == "sum":
+                return kl
+            sizes = [mu.numel() for mu, _ in self._mu_rho_pairs()]
+            return torch.dot(kl_parts, kl_parts.new_tensor(sizes).reciprocal_())
+        terms = [prior.kl_divergence(mu, rho, reduction) for _, mu, rho, prior in self.variational_parameters()]
         return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
 
     def __getstate__(self) -> dict:
@@ -338,9 +353,17 @@ class BayesianWeightLayer(BayesianModule):
             return self._forward_flipout(input, op)
         return self._forward_local(input, op)
 
+    def _draw_weight_and_bias(self, kind: str) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """``(weight draw, bias draw, weight mean, bias mean)``; the means carry their
+        gradient through the draws' node (see ``functional.posterior_draws``)."""
+        result = self._draw_all(kind, with_means=kind != "sample")
+        has_bias = len(result.draws) > 1
+        means = result.means or [self.weight_mu, self.bias_mu]
+        return (result.draws[0], result.draws[1] if has_bias else None,
+                means[0], means[1] if has_bias else None)
+
     def _forward_reparameterization(self, x: Tensor, op: Op) -> Tensor:
-        weight = self._draw("weight", "sample")
-        bias = None if self.bias_mu is None else self._draw("bias", "sample")
+        weight, bias, _, _ = self._draw_weight_and_bias("sample")
         return op(x, weight, bias)
 
     def _sign_shape(self, t: Tensor) -> tuple[int, ...]:
@@ -349,22 +372,31 @@ class BayesianWeightLayer(BayesianModule):
         d = self._num_spatial_dims
         return tuple(t.shape[: t.dim() - d]) + (1,) * d
 
+    def _flipout_signs(self, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """Flipout's input and output signs for input ``x`` and output shape ``out``, from one draw."""
+        shape_in, shape_out = self._sign_shape(x), self._sign_shape(out)
+        num_in = math.prod(shape_in)
+        signs = noise.random_signs((num_in + math.prod(shape_out),), x)
+        sign_out = signs[num_in:].view(shape_out)
+        if sign_out.dtype != out.dtype:  # autocast: keep the output in the op's dtype
+            sign_out = sign_out.to(out.dtype)
+        return signs[:num_in].view(shape_in), sign_out
+
     def _forward_flipout(self, x: Tensor, op: Op) -> Tensor:
-        mean = op(x, self.weight_mu, self.bias_mu)
-        delta_w = self._draw("weight", "perturbation")
-        delta_b = None if self.bias_rho is None else self._draw("bias", "perturbation")
-        sign_in = noise.random_signs(self._sign_shape(x), x)
+        delta_w, delta_b, mean_w, mean_b = self._draw_weight_and_bias("perturbation")
+        mean = op(x, mean_w, mean_b)
+        sign_in, sign_out = self._flipout_signs(x, mean)
         perturbation = op(x * sign_in, delta_w, delta_b)
-        sign_out = noise.random_signs(self._sign_shape(perturbation), perturbation)
-        return torch.addcmul(mean, perturbation, sign_out)
+        # In place: the op's output is ours and its backward does not need it, and an
+        # activation-sized allocation less matters for wide convolutions.
+        return mean.addcmul_(perturbation, sign_out)
 
     def _forward_local(self, x: Tensor, op: Op) -> Tensor:
-        mean = op(x, self.weight_mu, self.bias_mu)
-        var_w = self._draw("weight", "variance")
-        var_b = None if self.bias_rho is None else self._draw("bias", "variance")
+        var_w, var_b, mean_w, mean_b = self._draw_weight_and_bias("variance")
+        mean = op(x, mean_w, mean_b)
         # Clamp keeps sqrt's gradient finite where the input (hence the variance) is 0.
         std = op(x * x, var_w, var_b).clamp_min(1e-16).sqrt()
-        return torch.addcmul(mean, std, noise.randn(mean.shape, mean))
+        return mean.addcmul_(std, noise.randn(mean.shape, mean))  # in place, as in flipout
 
 
 def iter_bayesian_modules(model: nn.Module) -> Iterator[tuple[str, BayesianModule]]:

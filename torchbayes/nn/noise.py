@@ -74,6 +74,12 @@ def _is_exporting() -> bool:
     return is_exporting() if is_exporting is not None else torch.compiler.is_compiling()
 
 
+# Sign bit and the bit pattern of 1.0 in IEEE float32: (bits & _SIGN_BIT) | _ONE_BITS is +/-1.0.
+_SIGN_BIT = -(2**31)
+_ONE_BITS = 0x3F800000
+_BIT_SHIFTS = torch.arange(31, -1, -1, dtype=torch.int32, device="cpu")
+
+
 def random_signs(shape: Sequence[int], like: Tensor) -> Tensor:
     """Independent +/-1 entries (Rademacher noise) of ``shape``, as used by flipout."""
     gen = _GENERATOR.get()
@@ -85,9 +91,13 @@ def random_signs(shape: Sequence[int], like: Tensor) -> Tensor:
         signs = torch.rand(shape, dtype=like.dtype, device=device, **extra).lt(0.5)
         return signs.to(like.dtype).mul(2.0).sub(1.0).to(like.device)
     numel = math.prod(shape)
-    # One uniform 32-bit draw yields 32 signs: unpacking bits is several times faster than
-    # one uniform (or bernoulli_) draw per sign, and the generator is the serial bottleneck.
-    words = torch.randint(-(2**31), 2**31, ((numel + 31) // 32,), dtype=torch.int32, device=device, **extra)
-    bits = (words.unsqueeze(1) >> torch.arange(32, dtype=torch.int32, device=device)).bitwise_and_(1)
-    signs = bits.reshape(-1)[:numel].to(like.dtype).mul_(2.0).sub_(1.0).reshape(shape)
+    # One uniform 32-bit draw yields 32 signs (the generator is the serial bottleneck).
+    # Each bit is shifted into the float32 sign bit and OR-ed with 1.0's exponent bits:
+    # the int32 words then ARE the floats +/-1.0, with no conversion or arithmetic pass.
+    words = torch.randint(-(2**31), 2**31, ((numel + 31) // 32, 1), dtype=torch.int32, device=device, **extra)
+    shifts = _BIT_SHIFTS if device.type == "cpu" else _BIT_SHIFTS.to(device)
+    bits = torch.bitwise_left_shift(words, shifts).bitwise_and_(_SIGN_BIT).bitwise_or_(_ONE_BITS)
+    signs = bits.view(torch.float32).reshape(-1)[:numel].reshape(shape)
+    if signs.dtype != like.dtype:
+        signs = signs.to(like.dtype)
     return signs if signs.device == like.device else signs.to(like.device)

@@ -34,7 +34,7 @@ block for all its examples when ``g.shared_weights``). Modules that do not opt i
 default) make :func:`torchbayes.predict` fall back to one sample per forward pass,
 which is always correct. A module may also set ``preferred_rows_per_pass`` (an int):
 ``predict``'s default ``chunk_size`` keeps ``G * batch`` at most the smallest such
-preference in the model (by default 8192 rows for linear layers, 256 for convolutions).
+preference in the model (by default 2048 rows for linear layers, 256 for convolutions).
 """
 
 from __future__ import annotations
@@ -198,14 +198,17 @@ def _linear_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared
         return torch.addcmul(mean, std, eps).reshape(x.shape[0], n_out)
     mean = op(x, layer.weight_mu, layer.bias_mu)
     var_w, var_b = _posterior_variances(layer, groups)
-    # x^2 and the variance are scratch: reusing their memory across the passes of one
-    # prediction spares the page faults of fresh multi-megabyte allocations.
-    square = torch.square(x, out=_scratch(groups, layer, "square", x))
-    var = _scratch(groups, layer, "variance", mean)
-    if var_b is None:
-        torch.mm(square, var_w.t(), out=var)
+    if x.dtype != var_w.dtype or torch.is_autocast_enabled(x.device.type):
+        var = op(torch.square(x), var_w, var_b)  # let op (and autocast) pick the precision
     else:
-        torch.addmm(var_b, square, var_w.t(), out=var)
+        # x^2 and the variance are scratch: reusing their memory across the passes of one
+        # prediction spares the page faults of fresh multi-megabyte allocations.
+        square = torch.square(x, out=_scratch(groups, layer, "square", x))
+        var = _scratch(groups, layer, "variance", mean)
+        if var_b is None:
+            torch.mm(square, var_w.t(), out=var)
+        else:
+            torch.addmm(var_b, square, var_w.t(), out=var)
     # A sum of products of non-negative numbers is never negative: no clamp before sqrt.
     std = var.sqrt_().view(g, rows, n_out)
     return mean.view(g, rows, n_out).addcmul_(std, eps).view(x.shape[0], n_out)
