@@ -29,6 +29,7 @@ from torchbayes.quantization.layers import (
     QuantizedBayesConv3d,
     QuantizedBayesianModule,
     QuantizedBayesLinear,
+    _QuantizedBayesConvNd,
 )
 
 __all__ = ["DTYPES", "QUANTIZED_TWINS", "convert", "prepare", "quantize"]
@@ -49,6 +50,19 @@ QUANTIZED_TWINS: dict[type[nn.Module], type[QuantizedBayesianModule]] = {
 
 # Calibration tensors are run through the model in batches of this many rows.
 _CALIBRATION_BATCH = 256
+
+# Modules that compute the same values whatever the memory layout of their input (and pass
+# a channels-last layout on), and those that end it: Flatten(1, -1) reshapes, which copies a
+# channels-last tensor into the logical order, so nothing after it can tell the difference.
+_LAYOUT_AGNOSTIC: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, _QuantizedBayesConvNd,
+)
 
 
 def _twin(module: nn.Module) -> type[QuantizedBayesianModule] | None:
@@ -93,6 +107,57 @@ def _swap_layers(model: nn.Module) -> None:
                 setattr(parent, name, twin.from_float(child).to(device).eval())
 
 
+def _fuse_relus(model: nn.Module) -> None:
+    """Fold each ``nn.ReLU`` that directly follows an INT8 layer in an ``nn.Sequential`` into it.
+
+    The layer applies the ReLU inside its INT8 kernel (``fused_relu``) and the ReLU
+    module is replaced by ``nn.Identity``: the same values without a separate pass over
+    the activations (the fusion PyTorch's own quantization flows perform).
+    """
+    for parent in model.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:]):
+            layer, follower = parent._modules[first], parent._modules[second]
+            if (isinstance(layer, QuantizedBayesianModule) and not layer.fused_relu
+                    and type(follower) is nn.ReLU and not follower._forward_hooks
+                    and not follower._forward_pre_hooks):
+                layer.fused_relu = True
+                parent._modules[second] = nn.Identity().train(follower.training)
+
+
+def _flattened_before_leaving(followers: list[nn.Module]) -> bool:
+    """Whether a tensor fed to ``followers`` (run in order) meets a full Flatten before any
+    module that might depend on its memory layout, or the end of the sequence."""
+    for module in followers:
+        if isinstance(module, nn.Flatten):
+            return module.start_dim in (0, 1) and module.end_dim == -1
+        if not isinstance(module, _LAYOUT_AGNOSTIC):
+            return False
+    return False
+
+
+def _allow_channels_last_outputs(model: nn.Module) -> None:
+    """Let INT8 convolutions return oneDNN's channels-last output where no code can notice.
+
+    A convolution in an ``nn.Sequential`` followed only by layout-agnostic modules up to a
+    ``Flatten`` of the same sequence hands its layout to nothing but those modules (the
+    model's own pooling then runs on channels-last data, several times faster). Anywhere
+    else (a custom ``forward`` that might ``.view`` the output) it returns the float
+    layer's layout.
+    """
+    verdicts: dict[int, bool] = {}
+    for parent in model.modules():
+        children = list(parent.children())
+        for i, child in enumerate(children):
+            if isinstance(child, _QuantizedBayesConvNd):
+                # A layer used in several places must be safe in all of them.
+                safe = isinstance(parent, nn.Sequential) and _flattened_before_leaving(children[i + 1:])
+                verdicts[id(child)] = verdicts.get(id(child), True) and safe
+                child.channels_last_output = verdicts[id(child)]
+
+
 def _quantized_layers(model: nn.Module) -> list[QuantizedBayesianModule]:
     return [m for m in model.modules() if isinstance(m, QuantizedBayesianModule)]
 
@@ -125,6 +190,8 @@ def prepare(model: nn.Module, *, dtype: Any = "int8") -> nn.Module:
     _check_model(model, dtype)
     prepared = copy.deepcopy(model)
     _swap_layers(prepared)
+    _fuse_relus(prepared)
+    _allow_channels_last_outputs(prepared)
     for layer in _quantized_layers(prepared):
         layer.start_observing()
     return prepared
@@ -177,6 +244,14 @@ def quantize(model: ModelT, calibration_data: Tensor | Iterable[Any] | None = No
     run integer kernels. Other modules (BatchNorm, activations, transposed convolutions,
     recurrent layers) stay in float. The result works with :func:`torchbayes.predict`,
     :func:`torchbayes.posterior_mean` and the uncertainty functions.
+
+    Inside ``nn.Sequential`` containers the copy is also fused: an ``nn.ReLU`` right after
+    a quantized layer runs inside the layer's INT8 kernel (the ReLU module becomes
+    ``nn.Identity``), and a convolution followed only by layout-agnostic modules
+    (activations, pooling, BatchNorm, dropout) up to an ``nn.Flatten`` returns oneDNN's
+    channels-last output, on which the model's own pooling runs faster. Everywhere else
+    convolutions return contiguous outputs, as the float layers do, so code such as
+    ``x.view(x.size(0), -1)`` in a custom ``forward`` keeps working.
 
     Args:
         model: a trained model with torchbayes Bayesian layers, in eval mode

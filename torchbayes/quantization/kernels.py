@@ -14,6 +14,7 @@ rounding, without the speed.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,12 +32,15 @@ __all__ = [
     "quantize_activation",
     "quantize_per_channel",
     "quantize_square",
+    "round_to_int8",
 ]
 
 # uint8 activations use 254 steps so that the rounded zero point always fits in [0, 255]:
 # q = trunc(x / scale + zero_point + 0.5) then lies in [0, 255] without a clamp.
 _ACTIVATION_STEPS = 254.0
 _WEIGHT_LEVELS = 127.0
+# Products with at least this many outputs write into a tensor from PyTorch's allocator.
+_ACCUMULATE_MIN_NUMEL = 1 << 16
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -67,7 +71,20 @@ class QuantizedActivation:
         return (self.data.float() - self.zero_point) * self.scale
 
 
-def quantize_activation(x: Tensor, value_range: tuple[float, float] | None = None) -> QuantizedActivation:
+def _dense_view(x: Tensor) -> Tensor:
+    """``x`` with its dims permuted into memory order where that makes it contiguous.
+
+    Whole-tensor reductions copy a non-contiguous input first; a channels-last
+    activation read in memory order needs no copy.
+    """
+    if x.is_contiguous():
+        return x
+    view = x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    return view if view.is_contiguous() else x
+
+
+def quantize_activation(x: Tensor, value_range: tuple[float, float] | None = None,
+                        buffers: tuple[Tensor, ...] | None = None) -> QuantizedActivation:
     """Quantize ``x`` to ``uint8`` with one scale and zero point for the whole tensor.
 
     Args:
@@ -75,33 +92,57 @@ def quantize_activation(x: Tensor, value_range: tuple[float, float] | None = Non
         value_range: ``(low, high)`` to quantize over (values outside are clamped), e.g.
             from calibration; ``None`` uses ``x``'s own minimum and maximum. The range is
             widened to contain 0, so that 0 (padding, ReLU outputs) is exact.
+        buffers: optional ``(float, int16, uint8)`` tensors of ``x``'s shape to compute
+            in; the result's ``data`` is then the ``uint8`` one (see :func:`quantize_square`).
 
     Returns:
         A :class:`QuantizedActivation` of ``x``'s shape; the rounding error of each
         element is at most ``scale / 2``.
     """
+    x = x.detach()  # integer kernels: no gradients flow through quantization
     if value_range is None:
-        low_t, high_t = torch.aminmax(x.detach())
-        low, high = float(low_t), float(high_t)
+        low_t, high_t = torch.aminmax(_dense_view(x))
+        low, high = low_t.item(), high_t.item()
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(f"cannot quantize an input containing NaN or infinity (range {low}..{high})")
     else:
         low, high = value_range
-        x = x.clamp(low, high)
     low, high = min(low, 0.0), max(high, 0.0)
     scale = max((high - low) / _ACTIVATION_STEPS, _TINY)
     zero_point = int(round(-low / scale))
     # One fused multiply-add, then truncation (round half up, as all values are >= 0).
-    data = torch.add(torch.full((), zero_point + 0.5, dtype=x.dtype, device=x.device), x,
-                     alpha=1.0 / scale).to(torch.uint8)
-    return QuantizedActivation(data, scale, zero_point)
+    shifted = torch.add(torch.full((), zero_point + 0.5, dtype=x.dtype, device=x.device), x,
+                        alpha=1.0 / scale, out=None if buffers is None else buffers[0])
+    if value_range is not None:  # values outside the calibrated range go to its ends
+        shifted.clamp_(zero_point + round(low / scale), zero_point + round(high / scale) + 0.5)
+    return QuantizedActivation(_to_uint8(shifted, buffers), scale, zero_point)
 
 
-def quantize_square(x: Tensor, abs_max: float) -> QuantizedActivation:
-    """Quantize ``x * x`` to ``uint8`` (zero point 0) given ``max |x| <= abs_max``, in one pass."""
+def quantize_square(x: Tensor, abs_max: float,
+                    buffers: tuple[Tensor, ...] | None = None) -> QuantizedActivation:
+    """Quantize ``x * x`` to ``uint8`` (zero point 0) given ``max |x| <= abs_max``, in one pass.
+
+    ``buffers``: optional ``(float, int16, uint8)`` tensors of ``x``'s shape to compute in, e.g.
+    kept across calls: a fresh large tensor page-faults on first touch, which costs
+    more than the arithmetic.
+    """
+    x = x.detach()
     scale = max(abs_max * abs_max / _ACTIVATION_STEPS, _TINY)
     half = torch.full((), 0.5, dtype=x.dtype, device=x.device)
-    return QuantizedActivation(torch.addcmul(half, x, x, value=1.0 / scale).to(torch.uint8), scale, 0)
+    shifted = torch.addcmul(half, x, x, value=1.0 / scale, out=None if buffers is None else buffers[0])
+    return QuantizedActivation(_to_uint8(shifted, buffers), scale, 0)
+
+
+def _to_uint8(shifted: Tensor, buffers: tuple[Tensor, ...] | None) -> Tensor:
+    """Truncate ``shifted`` (values in ``[0, 256)``) to ``uint8``.
+
+    Through int16: PyTorch's float-to-int16 and int16-to-uint8 conversions are
+    vectorized and together faster than its direct float-to-uint8 one. ``buffers``:
+    optional ``(float, int16, uint8)`` tensors of ``shifted``'s shape to convert into.
+    """
+    if buffers is None:
+        return shifted.to(torch.int16).to(torch.uint8)
+    return buffers[2].copy_(buffers[1].copy_(shifted))
 
 
 def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,8 +166,22 @@ def dequantize_per_channel(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.reshape(-1, *([1] * (q.dim() - 1)))
 
 
+def round_to_int8(t: Tensor) -> Tensor:
+    """``t`` (already divided by its scale) rounded to the nearest integer in ``[-127, 127]``, as int8.
+
+    Modifies ``t`` in place (pass a temporary).
+    """
+    return t.round_().clamp_(-_WEIGHT_LEVELS, _WEIGHT_LEVELS).to(torch.int8)
+
+
 def _use_onednn(t: Tensor) -> bool:
     return _ONEDNN and t.device.type == "cpu"
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_points(channels: int) -> Tensor:
+    """The (all zero) weight zero points oneDNN takes for ``channels`` output channels."""
+    return torch.zeros(channels, dtype=torch.long)
 
 
 class PackedLinear:
@@ -144,22 +199,49 @@ class PackedLinear:
         self.out_features = q.shape[0]
         if _use_onednn(q):
             self.packed: Tensor = torch.ops.onednn.qlinear_prepack(q.contiguous(), None)
-            self.zero_points = torch.zeros(q.shape[0], dtype=torch.long)
+            self.zero_points = _zero_points(q.shape[0])
             self.onednn = True
         else:
             self.packed = dequantize_per_channel(q, self.scale)
             self.onednn = False
 
-    def __call__(self, x: QuantizedActivation, bias: Tensor | None) -> Tensor:
-        """Float32 output ``(*, N)`` for a quantized input ``(*, K)``."""
+    def __call__(self, x: QuantizedActivation, bias: Tensor | None, *,
+                 accumulate: Tensor | None = None, relu: bool = False) -> Tensor:
+        """Float32 ``x W^T + b`` ``(*, N)`` for a quantized input ``(*, K)``.
+
+        Args:
+            x: the quantized input.
+            bias: float32 ``(N,)`` or ``None``.
+            accumulate: a contiguous float32 ``(*, N)`` tensor to add the product to, in
+                place (oneDNN's ``sum`` post-op: no separate pass over the output).
+            relu: apply ``max(., 0)`` to the result, fused into the kernel.
+
+        Returns:
+            The result (``accumulate`` itself when given).
+        """
         data = x.data
+        lead = data.shape[:-1]
         if not self.onednn:
-            return F.linear(x.dequantize(), self.packed, bias)
-        rows = data.reshape(-1, data.shape[-1])
-        out = torch.ops.onednn.qlinear_pointwise(
-            rows, x.scale, x.zero_point, self.packed, self.scale, self.zero_points, bias,
-            1.0, 0, torch.float32, "none", [], "")
-        return out.reshape(*data.shape[:-1], self.out_features)
+            out = F.linear(x.dequantize(), self.packed, bias)
+            if accumulate is not None:
+                out = accumulate.add_(out)
+            return out.clamp_min_(0.0) if relu else out
+        rows = data if data.dim() == 2 else data.reshape(-1, data.shape[-1])
+        post_op = "relu" if relu else "none"
+        if accumulate is None and rows.shape[0] * self.out_features >= _ACCUMULATE_MIN_NUMEL:
+            # A large output that oneDNN allocates itself page-faults on every call (it is
+            # not recycled by PyTorch's allocator); summing into zeros from PyTorch avoids that.
+            accumulate = rows.new_zeros((rows.shape[0], self.out_features), dtype=torch.float32)
+        if accumulate is None:
+            out = torch.ops.onednn.qlinear_pointwise(
+                rows, x.scale, x.zero_point, self.packed, self.scale, self.zero_points, bias,
+                1.0, 0, torch.float32, post_op, [], "")
+        else:
+            out = torch.ops.onednn.qlinear_pointwise.binary(
+                rows, x.scale, x.zero_point, self.packed, self.scale, self.zero_points,
+                accumulate.view(rows.shape[0], self.out_features), bias, 1.0, 0, torch.float32,
+                1.0, 0, "sum", 1.0, post_op, [], "")
+        return out if data.dim() == 2 else out.view(*lead, self.out_features)
 
 
 class PackedConv:
@@ -177,18 +259,24 @@ class PackedConv:
         if _use_onednn(q):
             self.packed: Tensor = torch.ops.onednn.qconv_prepack(q.contiguous(), self.scale, 1.0, 0,
                                                                  *self.args, None)
-            self.zero_points = torch.zeros(q.shape[0], dtype=torch.long)
+            self.zero_points = _zero_points(q.shape[0])
             self.onednn = True
         else:
             self.packed = dequantize_per_channel(q, self.scale)
             self.onednn = False
         self._float_conv = (F.conv1d, F.conv2d, F.conv3d)[q.dim() - 3]
 
-    def __call__(self, x: QuantizedActivation, bias: Tensor | None) -> Tensor:
-        """Float32 output ``(N, C_out, ...)`` for a quantized batched input ``(N, C_in, ...)``."""
+    def __call__(self, x: QuantizedActivation, bias: Tensor | None, *, relu: bool = False) -> Tensor:
+        """Float32 output ``(N, C_out, ...)`` for a quantized batched input ``(N, C_in, ...)``.
+
+        oneDNN writes it channels-last (``(N, *spatial, C_out)`` in memory) whatever the
+        input's layout; the float fallback follows the input's layout. ``relu`` applies
+        ``max(., 0)`` to the result, fused into the kernel.
+        """
         stride, padding, dilation, groups = self.args
         if not self.onednn:
-            return self._float_conv(x.dequantize(), self.packed, bias, stride, padding, dilation, groups)
+            out = self._float_conv(x.dequantize(), self.packed, bias, stride, padding, dilation, groups)
+            return out.clamp_min_(0.0) if relu else out
         return torch.ops.onednn.qconv_pointwise(
             x.data, x.scale, x.zero_point, self.packed, self.scale, self.zero_points, bias,
-            stride, padding, dilation, groups, 1.0, 0, torch.float32, "none", [], None)
+            stride, padding, dilation, groups, 1.0, 0, torch.float32, "relu" if relu else "none", [], None)

@@ -8,14 +8,21 @@ kernels (:mod:`torchbayes.quantization.kernels`):
   layer: the output is ``N(x mu^T + b, x^2 (sigma^2)^T + sigma_b^2)``, so the mean path
   ``x mu^T`` and the variance path ``x^2 sigma^2`` are two INT8 products with weights
   packed once, and a draw costs only output-sized Gaussian noise; no weight is
-  re-quantized per draw. When the input is the same in every Monte Carlo group (the
-  first layer inside :func:`torchbayes.predict`) both products run once.
+  re-quantized per draw. Inside :func:`torchbayes.predict` (sample groups) the noise is
+  drawn once per group and output unit and shared by the group's examples, as in the
+  float layers (:mod:`torchbayes.nn.vectorized`): each example still meets fresh noise
+  in every layer, so its own outputs are exact draws. When the input is the same in
+  every group (the first layer) both products run once per prediction.
 * The convolutions (:class:`QuantizedBayesConv1d` / ``2d`` / ``3d``) draw whole kernels
   ``mu + sigma * eps`` (local reparameterization would make positions that share a
-  kernel independent, which changes the joint distribution), quantize each drawn
-  kernel per output channel and run an INT8 convolution. Kernels are small next to
-  their activations, so the per-draw quantization costs little; on a shared input the
-  draws of all groups run as one convolution with stacked kernels.
+  kernel independent, which changes the joint distribution). A drawn kernel is rounded
+  on a fixed per-channel grid chosen from the posterior (it covers ``|mu| + 6 sigma``),
+  so a draw is one fused multiply-add, a rounding and a pack; the input is quantized
+  once for all draws of a pass (once per prediction for the first layer). oneDNN
+  writes convolution outputs channels-last; they are returned in the input's layout
+  (contiguous for a contiguous input) unless :func:`~torchbayes.quantization.quantize`
+  found that the output only feeds layout-agnostic modules up to a ``Flatten``
+  (``channels_last_output``), where channels-last makes the model's own pooling faster.
 
 Both modules are :class:`~torchbayes.nn.BayesianModule` subclasses, so
 :func:`torchbayes.posterior_mean` / :func:`torchbayes.sampling` switch them and
@@ -26,6 +33,8 @@ modules): their ``state_dict`` is plain tensors and loads with ``weights_only=Tr
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -45,6 +54,7 @@ from torchbayes.quantization.kernels import (
     quantize_activation,
     quantize_per_channel,
     quantize_square,
+    round_to_int8,
 )
 
 __all__ = [
@@ -56,18 +66,27 @@ __all__ = [
 ]
 
 
+# Inputs (elements) up to which a layer keeps its quantization buffers between calls
+# (8 bytes per element, per thread: 32 MB at most).
+_SCRATCH_MAX_NUMEL = 1 << 22
+
+
 class QuantizedBayesianModule(BayesianModule):
     """Base of the INT8 Bayesian layers: quantized buffers, activation ranges, packed caches.
 
     Attributes:
         input_range: buffer ``(low, high)`` of the calibrated input range, or NaNs when
             each input is quantized over its own range (dynamic quantization).
+        fused_relu: the layer applies ``max(., 0)`` to its output inside the INT8 kernel
+            (set by :func:`~torchbayes.quantization.quantize`, which replaces the
+            ``nn.ReLU`` that followed the layer in an ``nn.Sequential`` by ``nn.Identity``).
     """
 
     supports_sample_groups = True
 
     def __init__(self, estimator: str) -> None:
         super().__init__(estimator=estimator)
+        self.fused_relu = False
         self.register_buffer("input_range", torch.full((2,), math.nan))
         # Packed kernels and dequantized copies, rebuilt from the buffers when needed.
         self._cache: dict[str, Any] = {}
@@ -84,12 +103,16 @@ class QuantizedBayesianModule(BayesianModule):
             self.input_range.copy_(torch.tensor(self._observed))
         self._observed = None
 
-    def _quantize_input(self, x: Tensor) -> QuantizedActivation:
+    def _quantize_input(self, x: Tensor, buffers: tuple[Tensor, ...] | None = None) -> QuantizedActivation:
         if self._observed is not None:
             low, high = torch.aminmax(x.detach())
             self._observed = [min(self._observed[0], float(low)), max(self._observed[1], float(high))]
-        low, high = self.input_range.tolist()
-        return quantize_activation(x, None if math.isnan(low) else (low, high))
+        # The range as Python floats, re-read whenever the buffer changes (its version).
+        version, (low, high) = self._cache.get("input_range", (None, (math.nan, math.nan)))
+        if version != self.input_range._version:
+            low, high = self.input_range.tolist()
+            self._cache["input_range"] = (self.input_range._version, (low, high))
+        return quantize_activation(x, None if math.isnan(low) else (low, high), buffers)
 
     # ---------------------------------------------------------------- plumbing
     def _cached(self, key: str, build: Any) -> Any:
@@ -97,6 +120,30 @@ class QuantizedBayesianModule(BayesianModule):
         if value is None:
             value = self._cache[key] = build()
         return value
+
+    def _scratch_buffers(self, x: Tensor, groups: SampleGroups | None) -> tuple[Tensor, ...] | None:
+        """Float, int16 and two uint8 tensors shaped like ``x`` for the quantized inputs.
+
+        These temporaries never leave a call, and a fresh tensor of a few MB page-faults
+        on first touch, which costs more than the pass that fills it: inputs of up to
+        ``_SCRATCH_MAX_NUMEL`` elements reuse buffers kept per thread (dropped with the
+        thread, or when the module moves or loads), larger ones inside a prediction
+        reuse buffers for its passes (``groups.cache``), and others get none.
+        """
+        if x.numel() <= _SCRATCH_MAX_NUMEL:
+            store = self._cached("scratch", threading.local).__dict__
+        elif groups is not None:
+            store = groups.cache
+        else:
+            return None
+        key = (id(self), "int8_scratch")
+        buffers = store.get(key)
+        if buffers is None or buffers[0].shape != x.shape or buffers[0].stride() != x.stride() \
+                or buffers[0].dtype != x.dtype or buffers[0].device != x.device:
+            # empty_like keeps x's layout (channels-last activations stay channels-last).
+            dtypes = (x.dtype, torch.int16, torch.uint8, torch.uint8)
+            buffers = store[key] = tuple(torch.empty_like(x, dtype=dtype) for dtype in dtypes)
+        return buffers
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedBayesianModule:
         self._cache = {}  # device or dtype moves invalidate packed kernels
@@ -128,6 +175,13 @@ class QuantizedBayesianModule(BayesianModule):
         self.register_buffer(f"{name}_int8", torch.zeros(shape, dtype=torch.int8))
         self.register_buffer(f"{name}_scale", torch.ones(shape[0]))
 
+    def _draw_bias(self, g: int) -> Tensor | None:
+        """``g`` bias draws ``(g, out)`` from the posterior (kept in float), or ``None``."""
+        if self.bias_mu is None:
+            return None
+        eps = noise.randn((g, *self.bias_mu.shape), self.bias_mu)
+        return torch.addcmul(self.bias_mu, self.bias_sigma, eps)
+
     def _dequantized(self, name: str) -> Tensor:
         return self._cached(f"float_{name}", lambda: dequantize_per_channel(
             getattr(self, f"{name}_int8"), getattr(self, f"{name}_scale")))
@@ -141,16 +195,20 @@ def _check_groups(layer: nn.Module, x: Tensor, groups: SampleGroups) -> int:
     return g
 
 
-def _shared_cache(layer: nn.Module, groups: SampleGroups, rows: int, compute: Any) -> Any:
-    """Results on ``groups.shared_input`` that do not depend on the draw, kept across passes."""
+def _shared_cache(layer: nn.Module, groups: SampleGroups, rows: int, compute: Callable[[], Any]) -> Any:
+    """A result on ``groups.shared_input``'s first ``rows`` rows that does not depend on the draw.
+
+    Kept in ``groups.cache`` across the passes of one prediction, while ``shared_input``
+    is unmodified (its version counter is unchanged) and holds the same rows.
+    """
     ref = groups.shared_input
     version = ref._version if ref is not None else -1
     entry = groups.cache.get(id(layer))
-    if entry is not None and entry[0] == version and entry[1].shape[0] == rows:
-        return entry[1], entry[2]
-    first, second = compute()
-    groups.cache[id(layer)] = (version, first, second)
-    return first, second
+    if entry is not None and entry[0] == version and entry[1] == rows:
+        return entry[2]
+    value = compute()
+    groups.cache[id(layer)] = (version, rows, value)
+    return value
 
 
 class QuantizedBayesLinear(QuantizedBayesianModule):
@@ -177,6 +235,10 @@ class QuantizedBayesLinear(QuantizedBayesianModule):
         torch.Size([128, 30])
     """
 
+    #: Rows per pass for torchbayes.predict: activations of a few MB keep the elementwise
+    #: passes around the INT8 products (quantization, noise) in cache.
+    preferred_rows_per_pass = 2048
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(estimator="local")
         self.in_features, self.out_features = in_features, out_features
@@ -202,14 +264,26 @@ class QuantizedBayesLinear(QuantizedBayesianModule):
         return self._cached(f"packed_{name}", lambda: PackedLinear(
             getattr(self, f"{name}_int8"), getattr(self, f"{name}_scale")))
 
+    def _quantize_with_std(self, x: Tensor,
+                           groups: SampleGroups | None = None) -> tuple[QuantizedActivation, Tensor]:
+        """The quantized input and the output's standard deviation (the variance product).
+
+        ``groups``: the prediction in progress, whose scratch buffers the quantized inputs
+        are computed in (only for inputs that are not cached).
+        """
+        buffers = self._scratch_buffers(x, groups)
+        q = self._quantize_input(x, None if buffers is None else buffers[:3])
+        abs_max = (max(q.zero_point, 255 - q.zero_point) + 0.5) * q.scale
+        bias_var = None if self.bias_sigma is None else self._cached(
+            "bias_var", lambda: self.bias_sigma.square())
+        x2 = quantize_square(x, abs_max, None if buffers is None else (*buffers[:2], buffers[3]))
+        var = self._packed("weight_var")(x2, bias_var)
+        return q, var.sqrt_()  # >= 0: non-negative integers times non-negative weights
+
     def _moments(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and standard deviation of the output: two INT8 products."""
-        q = self._quantize_input(x)
-        mean = self._packed("weight_mu")(q, self.bias_mu)
-        abs_max = (max(q.zero_point, 255 - q.zero_point) + 0.5) * q.scale
-        bias_var = None if self.bias_sigma is None else self.bias_sigma.square()
-        var = self._packed("weight_var")(quantize_square(x, abs_max), bias_var)
-        return mean, var.sqrt_()  # >= 0: non-negative integers times non-negative weights
+        q, std = self._quantize_with_std(x)
+        return self._packed("weight_mu")(q, self.bias_mu), std
 
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor) or input.dim() < 1 or input.shape[-1] != self.in_features:
@@ -217,44 +291,79 @@ class QuantizedBayesLinear(QuantizedBayesianModule):
             raise ValueError(f"{type(self).__name__}: input must have shape (*, in_features="
                              f"{self.in_features}), got {shape}")
         if self.deterministic:
-            return self._packed("weight_mu")(self._quantize_input(input), self.bias_mu)
+            return self._packed("weight_mu")(self._quantize_input(input), self.bias_mu, relu=self.fused_relu)
         groups = active_sample_groups()
-        if groups is None or groups.num_groups == 1 and not groups.shared_weights:
-            mean, std = self._moments(input)
-            return mean.addcmul_(std, noise.randn(mean.shape, mean))
+        if groups is None:  # a plain forward: fresh noise for every example
+            return self._sample(input, None)
         g = _check_groups(self, input, groups)
-        if groups.shared_weights:
-            return self._forward_weight_draws(input, g)
+        if groups.shared_weights or input.dim() != 2:
+            # Positions of a sequence (extra dims) share their weight, as in the float layer.
+            return self._forward_weight_draws(input, g, groups.is_shared(input))
         if groups.is_shared(input):
             rows = input.shape[0] // g
             mean, std = _shared_cache(self, groups, rows, lambda: self._moments(input[:rows]))
-            out = torch.addcmul(mean, std, noise.randn((g, *mean.shape), mean))
-            return out.reshape(input.shape[0], *mean.shape[1:])
-        mean, std = self._moments(input)
-        return mean.addcmul_(std, noise.randn(mean.shape, mean))
+            out = torch.addcmul(mean, std, noise.randn((g, 1, self.out_features), mean))
+            out = out.view(input.shape[0], self.out_features)
+            return out.clamp_min_(0.0) if self.fused_relu else out
+        return self._sample(input, groups)
 
-    def _forward_weight_draws(self, x: Tensor, g: int) -> Tensor:
-        """One weight draw per group, shared by its examples (``shared_weights``)."""
+    def _sample(self, x: Tensor, groups: SampleGroups | None) -> Tensor:
+        """``mean + std * eps`` (and the fused ReLU) on an input that is not cached.
+
+        ``eps`` is fresh for every output (outside sample groups), or drawn once per group
+        and output unit and shared by the group's examples (see the module docstring):
+        ``out_features`` normals per group instead of one per output.
+        """
+        q, std = self._quantize_with_std(x, groups)
+        if groups is None:
+            std.mul_(noise.randn(std.shape, std))
+        else:
+            g = groups.num_groups
+            std.view(g, -1, self.out_features).mul_(noise.randn((g, 1, self.out_features), std))
+        # The mean product adds itself to std * eps in its output pass.
+        return self._packed("weight_mu")(q, self.bias_mu, accumulate=std, relu=self.fused_relu)
+
+    def _forward_weight_draws(self, x: Tensor, g: int, shared: bool) -> Tensor:
+        """One weight draw per group, shared by its examples (and positions)."""
         mu = self._dequantized("weight_mu")
         sigma = self._cached("float_weight_sigma", lambda: self._dequantized("weight_var").sqrt())
-        q = self._quantize_input(x)
-        outputs = []
-        for block in q.data.split(x.shape[0] // g):
-            weight = torch.addcmul(mu, sigma, noise.randn(mu.shape, mu))
-            bias = None if self.bias_mu is None else torch.addcmul(
-                self.bias_mu, self.bias_sigma, noise.randn(self.bias_mu.shape, self.bias_mu))
-            packed = PackedLinear(*quantize_per_channel(weight))
-            outputs.append(packed(QuantizedActivation(block, q.scale, q.zero_point), bias))
-        return torch.cat(outputs)
+        # All g draws quantized in one pass; packing is per draw.
+        weights = torch.addcmul(mu, sigma, noise.randn((g, *mu.shape), mu))
+        q, scale = quantize_per_channel(weights.flatten(0, 1))
+        bias = self._draw_bias(g)
+        n = x.shape[0] // g
+        xq = self._quantize_input(x[:n] if shared else x)
+        blocks = [xq.data] * g if shared else xq.data.split(n)
+        c = self.out_features
+        return torch.cat([
+            PackedLinear(q[i * c:(i + 1) * c], scale[i * c:(i + 1) * c])(
+                QuantizedActivation(block, xq.scale, xq.zero_point), None if bias is None else bias[i],
+                relu=self.fused_relu)
+            for i, block in enumerate(blocks)])
 
     def extra_repr(self) -> str:
+        relu = ", fused_relu=True" if self.fused_relu else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias_mu is not None}, {super().extra_repr()}")
+                f"bias={self.bias_mu is not None}{relu}, {super().extra_repr()}")
 
 
 # Hyperparameters copied from the float convolution (torch's names and meanings).
 _CONV_HYPERPARAMETERS = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
                          "dilation", "groups", "padding_mode", "_reversed_padding_repeated_twice")
+# Drawn kernels are rounded on a fixed grid per output channel that covers |mu| + 6 sigma of
+# every weight of the channel: a draw falls outside (and is clamped to the edge) with
+# probability 2e-9 per weight, and the grid needs no per-draw range reduction.
+_KERNEL_GRID_SIGMAS = 6.0
+_MEMORY_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+# Rows per predict pass of the convolutions: output elements per pass aimed at, and bounds.
+_CONV_PASS_NUMEL = 1 << 22
+_MIN_CONV_ROWS_PER_PASS, _MAX_CONV_ROWS_PER_PASS = 256, 1024
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is laid out channels-last (and not also plain contiguous)."""
+    layout = _MEMORY_FORMATS.get(x.dim())
+    return layout is not None and not x.is_contiguous() and x.is_contiguous(memory_format=layout)
 
 
 class _QuantizedBayesConvNd(QuantizedBayesianModule):
@@ -274,6 +383,10 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
         for name in _CONV_HYPERPARAMETERS:
             setattr(self, name, getattr(twin, name))
         self._num_spatial_dims = len(twin.kernel_size)
+        #: Return outputs channels-last even for a contiguous input (set by ``quantize``
+        #: where only layout-agnostic modules and a ``Flatten`` follow).
+        self.channels_last_output = False
+        self._output_numel_per_row = 0  # of the last output, to size predict's passes
         shape = tuple(twin.weight.shape)
         self._register_quantized("weight_mu", shape)
         self._register_quantized("weight_sigma", shape)
@@ -310,16 +423,22 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
     def _packed_conv(self, q: Tensor, scale: Tensor, padding: tuple[int, ...]) -> PackedConv:
         return PackedConv(q, scale, self.stride, padding, self.dilation, self.groups)
 
+    def _kernel_grid(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mu / step, sigma / step, step)``: the posterior on the fixed per-channel draw grid."""
+        def build() -> tuple[Tensor, Tensor, Tensor]:
+            mu, sigma = self._dequantized("weight_mu"), self._dequantized("weight_sigma")
+            reach = (mu.abs() + _KERNEL_GRID_SIGMAS * sigma).flatten(1).amax(1)
+            step = quantize_per_channel(reach.reshape(-1, 1))[1]  # reach / 127, kept > 0
+            shape = (-1, *([1] * (mu.dim() - 1)))
+            return mu / step.reshape(shape), sigma / step.reshape(shape), step
+        return self._cached("kernel_grid", build)
+
     def _draw_kernels(self, g: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``g`` kernel draws, quantized per output channel: ``(q, scale, bias)`` stacked over draws."""
-        mu, sigma = self._dequantized("weight_mu"), self._dequantized("weight_sigma")
-        weight = torch.addcmul(mu, sigma, noise.randn((g, *mu.shape), mu))
-        q, scale = quantize_per_channel(weight.flatten(0, 1))
-        bias = None
-        if self.bias_mu is not None:
-            bias = torch.addcmul(self.bias_mu, self.bias_sigma,
-                                 noise.randn((g, *self.bias_mu.shape), self.bias_mu)).reshape(-1)
-        return q, scale, bias
+        """``g`` kernel draws on the fixed grid: int8 ``(g, *kernel)``, the grid's step
+        ``(C_out,)`` and bias draws ``(g, C_out)`` (or ``None``)."""
+        mu, sigma, step = self._kernel_grid()
+        q = round_to_int8(torch.addcmul(mu, sigma, noise.randn((g, *mu.shape), mu)))
+        return q, step, self._draw_bias(g)
 
     def forward(self, input: Tensor) -> Tensor:
         d = self._num_spatial_dims
@@ -330,29 +449,49 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
                              f"{d} spatial dims, or unbatched (C, ...); got {shape}")
         if input.dim() == d + 1:
             return self.forward(input.unsqueeze(0)).squeeze(0)
-        groups = active_sample_groups()
-        shared = groups is not None and groups.is_shared(input)
         x, padding = self._prepare_input(input)
         if self.deterministic:
             packed = self._cached("packed_mean", lambda: self._packed_conv(
                 self.weight_mu_int8, self.weight_mu_scale, padding))
-            return packed(self._quantize_input(x), self.bias_mu)
+            return self._in_layout(packed(self._quantize_input(x), self.bias_mu, relu=self.fused_relu), input)
+        groups = active_sample_groups()
         g = 1 if groups is None else _check_groups(self, input, groups)
-        q, scale, bias = self._draw_kernels(g)
         n = x.shape[0] // g
-        # One INT8 convolution per draw. On a shared input the rows are quantized once and
-        # reused; stacking the g kernels into one convolution would be fewer calls, but
-        # its (n, g * C, ...) output needs a strided transpose copy that costs more.
-        xq = self._quantize_input(x[:n] if shared else x)
-        blocks = [xq.data] * g if shared else xq.data.split(n)
-        c = self.out_channels
-        outputs = [
-            self._packed_conv(q[i * c:(i + 1) * c], scale[i * c:(i + 1) * c], padding)(
-                QuantizedActivation(block, xq.scale, xq.zero_point),
-                None if bias is None else bias[i * c:(i + 1) * c])
-            for i, block in enumerate(blocks)
-        ]
-        return torch.cat(outputs) if g > 1 else outputs[0]
+        # The input is quantized once for all draws (on a shared input, once per prediction).
+        if groups is not None and groups.is_shared(input):
+            xq = _shared_cache(self, groups, n, lambda: self._quantize_input(x[:n]))
+            blocks = [xq.data] * g
+        else:
+            buffers = self._scratch_buffers(x, groups)
+            xq = self._quantize_input(x, None if buffers is None else buffers[:3])
+            blocks = list(xq.data.split(n)) if g > 1 else [xq.data]
+        q, step, bias = self._draw_kernels(g)
+        outputs = [self._packed_conv(q[i], step, padding)(
+            QuantizedActivation(block, xq.scale, xq.zero_point), None if bias is None else bias[i],
+            relu=self.fused_relu) for i, block in enumerate(blocks)]
+        self._output_numel_per_row = outputs[0][0].numel()
+        return self._in_layout(torch.cat(outputs) if g > 1 else outputs[0], input)
+
+    @property
+    def preferred_rows_per_pass(self) -> int:
+        """Rows per pass for :func:`torchbayes.predict`, sized from the last output seen.
+
+        Passes of up to ~16 MB of output keep the model's own pooling and activations
+        in cache; small feature maps (LeNet's) then run 1024 rows at a time, which
+        halves the per-pass costs, and large ones (or before any input) 256, as the
+        float convolutions do.
+        """
+        per_row = self._output_numel_per_row
+        if not per_row:
+            return _MIN_CONV_ROWS_PER_PASS
+        return max(_MIN_CONV_ROWS_PER_PASS, min(_MAX_CONV_ROWS_PER_PASS, _CONV_PASS_NUMEL // per_row))
+
+    def _keeps_layout(self, input: Tensor) -> bool:
+        return self.channels_last_output or _is_channels_last(input)
+
+    def _in_layout(self, out: Tensor, input: Tensor) -> Tensor:
+        """``out`` channels-last if allowed (see ``channels_last_output``), else contiguous."""
+        return out if self._keeps_layout(input) else out.contiguous()
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -360,6 +499,8 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
             s += f", padding={self.padding}"
         if self.groups != 1:
             s += f", groups={self.groups}"
+        if self.fused_relu:
+            s += ", fused_relu=True"
         return f"{s}, {super().extra_repr()}"
 
 
@@ -367,8 +508,10 @@ def _conv_doc(d: int) -> str:
     return f"""INT8 counterpart of :class:`~torchbayes.nn.BayesConv{d}d`: each draw samples a kernel.
 
     Each forward pass (each Monte Carlo group inside :func:`torchbayes.predict`) draws a
-    kernel ``mu + sigma * eps`` from the dequantized posterior, quantizes it per output
-    channel and runs an INT8 convolution on the input quantized per tensor. Build it
+    kernel ``mu + sigma * eps`` from the dequantized posterior, rounds it on a fixed
+    per-output-channel grid and runs an INT8 convolution on the input quantized per
+    tensor. Outputs are contiguous, or channels-last where ``channels_last_output`` is
+    set or the input is channels-last. Build it
     with :func:`torchbayes.quantization.quantize` (or :meth:`from_float`); the
     constructor (torch's convolution arguments) makes an empty layer to load a
     ``state_dict`` into.
@@ -378,6 +521,8 @@ def _conv_doc(d: int) -> str:
             scale per output channel.
         weight_sigma_int8, weight_sigma_scale: posterior standard deviations, likewise.
         bias_mu, bias_sigma: float32 ``(out_channels,)`` (or ``None``).
+        channels_last_output: return channels-last outputs for contiguous inputs too
+            (set by :func:`~torchbayes.quantization.quantize` where nothing can notice).
 
     Shape:
         As ``torch.nn.Conv{d}d``.
