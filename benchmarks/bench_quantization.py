@@ -8,6 +8,8 @@ with 2 threads (``--threads``):
 * the median time of ``torchbayes.predict(model, x, 32)`` on a batch of 256 for FP32
   (the vectorized predictor) and INT8, measured interleaved, and their ratio;
 * the serialized ``state_dict`` sizes and their ratio;
+* the same for torchvision's ResNet-18 converted by ``dnn_to_bnn`` (untrained, batch 16
+  of 3x32x32 images): speed reported, any architecture quantizes;
 * test accuracy, expected calibration error (15 bins) and the AUROC of the mutual
   information separating test digits 0-7 from the held-out 8s and 9s, FP32 vs INT8,
   plus FP32 with other Monte Carlo draws (the noise floor of the estimate). Quality is
@@ -42,6 +44,7 @@ from harness import lenet, markdown_table, mlp, time_interleaved, torchbayes_bnn
 
 NUM_SAMPLES = 32
 BATCH = 256
+RESNET_BATCH = 16
 
 
 def train(model: nn.Module, data: DatasetSplits, epochs: int, lr: float = 2e-3) -> float:
@@ -78,6 +81,27 @@ def quality(model: nn.Module, data: DatasetSplits, num_samples: int, seed: int =
     }
 
 
+def speed_row(name: str, training: str, model: nn.Module, qmodel: nn.Module, x: torch.Tensor,
+              rounds: int) -> list:
+    """FP32 vs INT8 32-sample prediction times (interleaved) and serialized sizes."""
+    times = time_interleaved({
+        "fp32": lambda: torchbayes.predict(model, x, NUM_SAMPLES),
+        "int8": lambda: torchbayes.predict(qmodel, x, NUM_SAMPLES),
+    }, rounds=rounds, iters=3, warmup=2)
+    fp32_size, int8_size = serialized_bytes(model), serialized_bytes(qmodel)
+    return [name, training, times["fp32"], times["int8"], f"{times['fp32'] / times['int8']:.2f}x",
+            f"{fp32_size / 1e6:.2f} MB", f"{int8_size / 1e6:.2f} MB", f"{fp32_size / int8_size:.2f}x"]
+
+
+def resnet18_bnn() -> nn.Module | None:
+    """torchvision's ResNet-18 (10 classes) converted by ``dnn_to_bnn``, or None without torchvision."""
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    return torchbayes.dnn_to_bnn(torchvision.models.resnet18(num_classes=10)).eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
@@ -101,15 +125,7 @@ def main() -> None:
         model = torchbayes_bnn(build, "reparameterization")
         seconds = train(model, data, args.epochs)
         qmodel = quantize(model)
-        times = time_interleaved({
-            "fp32": lambda: torchbayes.predict(model, x, NUM_SAMPLES),
-            "int8": lambda: torchbayes.predict(qmodel, x, NUM_SAMPLES),
-        }, rounds=args.rounds, iters=3, warmup=2)
-        fp32_size, int8_size = serialized_bytes(model), serialized_bytes(qmodel)
-        speed_rows.append([name, f"{seconds:.0f} s", times["fp32"], times["int8"],
-                           f"{times['fp32'] / times['int8']:.2f}x",
-                           f"{fp32_size / 1e6:.2f} MB", f"{int8_size / 1e6:.2f} MB",
-                           f"{fp32_size / int8_size:.2f}x"])
+        speed_rows.append(speed_row(name, f"{seconds:.0f} s", model, qmodel, x, args.rounds))
         samples = args.quality_samples
         q_fp32, q_int8 = quality(model, data, samples), quality(qmodel, data, samples)
         # The same FP32 model with other Monte Carlo draws: the noise floor of each metric.
@@ -118,7 +134,13 @@ def main() -> None:
                              f"{q_fp32['ece']:.4f}", f"{q_int8['ece']:.4f}", f"{q_again['ece']:.4f}",
                              f"{q_fp32['auroc']:.4f}", f"{q_int8['auroc']:.4f}",
                              f"{q_again['auroc']:.4f}"])
-    print(f"\n32-sample torchbayes.predict, batch {BATCH}, {args.threads} thread(s) (median ms)\n")
+    resnet = resnet18_bnn()
+    if resnet is not None:  # speed only (untrained): any converted architecture quantizes
+        images = torch.rand(RESNET_BATCH, 3, 32, 32)
+        speed_rows.append(speed_row(f"ResNet-18 (dnn_to_bnn), batch {RESNET_BATCH} of 3x32x32",
+                                    "untrained", resnet, quantize(resnet), images, args.rounds))
+    print(f"\n32-sample torchbayes.predict, batch {BATCH} (ResNet-18: {RESNET_BATCH}), "
+          f"{args.threads} thread(s) (median ms)\n")
     print(markdown_table(["model", "training", "FP32 ms", "INT8 ms", "speed-up", "FP32 size",
                           "INT8 size", "size ratio"], speed_rows))
     print(f"\nQuality on MNIST digits 0-7 (OOD: held-out 8 and 9), {args.quality_samples} samples\n")

@@ -144,7 +144,7 @@ def predict(
             ``chunk_size``); ``None`` uses the global (or an enclosing
             :func:`torchbayes.noise_generator`) random state.
         shared_weights: draw one network per sample for the whole batch (joint samples,
-            e.g. for Thompson sampling) instead of independent draws per example.
+            e.g. for Thompson sampling) instead of exact per-example draws.
 
     Returns:
         :class:`ClassificationPrediction` or :class:`RegressionPrediction`.
