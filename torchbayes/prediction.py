@@ -263,7 +263,7 @@ def _classification_result(samples: Tensor, outputs: str) -> ClassificationPredi
     probs = F.softmax(samples, dim=-1) if outputs == "logits" else samples
     mean = probs.mean(0)
     confidence, predicted = mean.max(-1)
-    predictive, expected, mutual = uncertainty.entropy_decomposition(probs)
+    predictive, expected, mutual = uncertainty.entropy_decomposition(probs, mean)
     return ClassificationPrediction(
         samples=samples, mean=mean, probabilities=probs, predictive_entropy=predictive,
         expected_entropy=expected, mutual_information=mutual,

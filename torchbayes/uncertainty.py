@@ -26,8 +26,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["VarianceDecomposition", "entropy_decomposition", "expected_entropy", "mutual_information",
-           "predictive_entropy",
-           "variance_decomposition"]
+           "predictive_entropy", "variance_decomposition"]
 
 ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
 
@@ -106,11 +105,12 @@ def mutual_information(mc_probs: ArrayT) -> ArrayT:
     return _like(entropy_decomposition(t)[2], mc_probs)  # type: ignore[return-value]
 
 
-def entropy_decomposition(mc_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def entropy_decomposition(mc_probs: Tensor, mean: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Predictive entropy, expected entropy and mutual information, sharing the work.
 
     Args:
         mc_probs: class probabilities of ``S`` samples, shape ``(S, ..., C)``.
+        mean: ``mc_probs.mean(0)``, if the caller has it already.
 
     Returns:
         ``(predictive_entropy, expected_entropy, mutual_information)``, each ``(...)``.
@@ -118,7 +118,7 @@ def entropy_decomposition(mc_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     Example:
         >>> total, aleatoric, epistemic = entropy_decomposition(torch.full((8, 4, 3), 1 / 3))
     """
-    predictive = _entropy(mc_probs.mean(0))
+    predictive = _entropy(mc_probs.mean(0) if mean is None else mean)
     expected = _entropy(mc_probs).mean(0)
     return predictive, expected, (predictive - expected).clamp_min(0.0)
 

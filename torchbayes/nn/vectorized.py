@@ -43,7 +43,7 @@ import contextlib
 import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -102,6 +102,31 @@ class SampleGroups:
                 and x.dtype == ref.dtype and x.device == ref.device and x.numel() == ref.numel()
                 and x.shape[0] == ref.shape[0] and x.stride(0) == ref.stride(0)
                 and x[0].is_contiguous() and ref[0].is_contiguous())
+
+    def check_batch(self, module: torch.nn.Module, x: Tensor) -> int:
+        """``num_groups``, after checking that dim 0 of ``module``'s input ``x`` splits into the groups."""
+        g = self.num_groups
+        if x.dim() == 0 or x.shape[0] % g:
+            raise RuntimeError(
+                f"{type(module).__name__}: predicting {g} Monte Carlo samples per pass needs the "
+                f"batch in dim 0 of every Bayesian layer's input, divisible by {g}; got input of "
+                f"shape {tuple(x.shape)}. Use predict(..., chunk_size=1) for this model.")
+        return g
+
+    def shared_result(self, module: torch.nn.Module, rows: int, compute: Callable[[], Any]) -> Any:
+        """``compute()``, a draw-independent result of ``module`` on ``shared_input``'s first ``rows`` rows.
+
+        Kept in :attr:`cache` across the passes of one prediction, while ``shared_input`` is
+        unmodified (its version counter, which views share, is unchanged) and holds the same rows.
+        """
+        ref = self.shared_input
+        version = ref._version if ref is not None else -1
+        entry = self.cache.get(id(module))
+        if entry is not None and entry[0] == version and entry[1] == rows:
+            return entry[2]
+        value = compute()
+        self.cache[id(module)] = (version, rows, value)
+        return value
 
 
 _ACTIVE: contextvars.ContextVar[SampleGroups | None] = contextvars.ContextVar(
@@ -166,12 +191,7 @@ def forward_sample_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, groups:
     Returns:
         The output, dim 0 in the same block order.
     """
-    g = groups.num_groups
-    if x.dim() == 0 or x.shape[0] % g:
-        raise RuntimeError(
-            f"{type(layer).__name__}: predicting {g} Monte Carlo samples per pass needs the "
-            f"batch in dim 0 of every Bayesian layer's input, divisible by {g}; got input of "
-            f"shape {tuple(x.shape)}. Use predict(..., chunk_size=1) for this model.")
+    g = groups.check_batch(layer, x)
     from torchbayes.nn.linear import BayesLinear  # late: linear imports base, which imports us
 
     shared = groups.is_shared(x)
@@ -267,20 +287,12 @@ def _linear_weight_draws(layer: BayesianWeightLayer, x: Tensor, g: int, shared: 
 
 def _shared_local_moments(layer: BayesianWeightLayer, x0: Tensor, op: Op,
                           groups: SampleGroups) -> tuple[Tensor, Tensor]:
-    """Mean and standard deviation of a linear layer's output on one block, cached.
-
-    The cache is valid while ``shared_input`` is unmodified (its version counter, which
-    views share, is unchanged) and holds the same rows.
-    """
-    ref = groups.shared_input
-    version = ref._version if ref is not None else -1
-    entry = groups.cache.get(id(layer))
-    if entry is not None and entry[0] == version and entry[1].shape[0] == x0.shape[0]:
-        return entry[1], entry[2]
-    mean = op(x0, layer.weight_mu, layer.bias_mu)
-    std = op(torch.square(x0), *_posterior_variances(layer, groups)).sqrt_()
-    groups.cache[id(layer)] = (version, mean, std)
-    return mean, std
+    """Mean and standard deviation of a linear layer's output on one block, cached
+    (see :meth:`SampleGroups.shared_result`)."""
+    def moments() -> tuple[Tensor, Tensor]:
+        mean = op(x0, layer.weight_mu, layer.bias_mu)
+        return mean, op(torch.square(x0), *_posterior_variances(layer, groups)).sqrt_()
+    return groups.shared_result(layer, x0.shape[0], moments)
 
 
 def _conv_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared: bool) -> Tensor:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -187,30 +186,6 @@ class QuantizedBayesianModule(BayesianModule):
             getattr(self, f"{name}_int8"), getattr(self, f"{name}_scale")))
 
 
-def _check_groups(layer: nn.Module, x: Tensor, groups: SampleGroups) -> int:
-    g = groups.num_groups
-    if x.dim() == 0 or x.shape[0] % g:
-        raise RuntimeError(f"{type(layer).__name__}: predicting {g} Monte Carlo samples per pass "
-                           f"needs dim 0 of the input divisible by {g}; got shape {tuple(x.shape)}")
-    return g
-
-
-def _shared_cache(layer: nn.Module, groups: SampleGroups, rows: int, compute: Callable[[], Any]) -> Any:
-    """A result on ``groups.shared_input``'s first ``rows`` rows that does not depend on the draw.
-
-    Kept in ``groups.cache`` across the passes of one prediction, while ``shared_input``
-    is unmodified (its version counter is unchanged) and holds the same rows.
-    """
-    ref = groups.shared_input
-    version = ref._version if ref is not None else -1
-    entry = groups.cache.get(id(layer))
-    if entry is not None and entry[0] == version and entry[1] == rows:
-        return entry[2]
-    value = compute()
-    groups.cache[id(layer)] = (version, rows, value)
-    return value
-
-
 class QuantizedBayesLinear(QuantizedBayesianModule):
     r"""INT8 counterpart of :class:`~torchbayes.nn.BayesLinear` (local reparameterization).
 
@@ -295,13 +270,13 @@ class QuantizedBayesLinear(QuantizedBayesianModule):
         groups = active_sample_groups()
         if groups is None:  # a plain forward: fresh noise for every example
             return self._sample(input, None)
-        g = _check_groups(self, input, groups)
+        g = groups.check_batch(self, input)
         if groups.shared_weights or input.dim() != 2:
             # Positions of a sequence (extra dims) share their weight, as in the float layer.
             return self._forward_weight_draws(input, g, groups.is_shared(input))
         if groups.is_shared(input):
             rows = input.shape[0] // g
-            mean, std = _shared_cache(self, groups, rows, lambda: self._moments(input[:rows]))
+            mean, std = groups.shared_result(self, rows, lambda: self._moments(input[:rows]))
             out = torch.addcmul(mean, std, noise.randn((g, 1, self.out_features), mean))
             out = out.view(input.shape[0], self.out_features)
             return out.clamp_min_(0.0) if self.fused_relu else out
@@ -455,11 +430,11 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
                 self.weight_mu_int8, self.weight_mu_scale, padding))
             return self._in_layout(packed(self._quantize_input(x), self.bias_mu, relu=self.fused_relu), input)
         groups = active_sample_groups()
-        g = 1 if groups is None else _check_groups(self, input, groups)
+        g = 1 if groups is None else groups.check_batch(self, input)
         n = x.shape[0] // g
         # The input is quantized once for all draws (on a shared input, once per prediction).
         if groups is not None and groups.is_shared(input):
-            xq = _shared_cache(self, groups, n, lambda: self._quantize_input(x[:n]))
+            xq = groups.shared_result(self, n, lambda: self._quantize_input(x[:n]))
             blocks = [xq.data] * g
         else:
             buffers = self._scratch_buffers(x, groups)
