@@ -3,18 +3,34 @@
 The HTML page embeds every figure as a base64 ``data:`` URI, so the single file can be
 moved, mailed or attached on its own; the PNG files beside it are the same images, for
 slides and documents.
+
+The page is rendered from ``templates/report.html.j2`` by Jinja2 with autoescape on:
+model names, class names, settings and training histories may come from a checkpoint
+(which a stranger may have crafted), and none of them reaches the page unescaped.
+
+The folder is replaced atomically: the new report is written to a hidden sibling
+folder, then swapped in, so a failure (full disk, interrupt) leaves an earlier report
+intact.
+
+Extending the page: a new model is one more :class:`ModelEvaluation` in ``evaluations``
+(a column of the metrics table, its figures, its training table); a new metric is a key
+of :data:`~torchbayes.cli.evaluation.METRIC_LABELS` (a row) and of ``_HIGHER_IS_BETTER``;
+a new figure is a :class:`Figure` from ``_make_figures``; any other table is a
+:class:`Table` passed as ``tables=`` to :func:`write_report`.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
-import html
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +39,8 @@ from torch import Tensor
 from torchbayes import metrics, plots
 from torchbayes.cli.evaluation import METRIC_LABELS, ModelEvaluation
 
-__all__ = ["Report", "Figure", "comparison_table", "referral_results", "write_report"]
+__all__ = ["Cell", "Figure", "Report", "Table", "check_report_folder", "check_writable_parent",
+           "comparison_table", "referral_results", "write_report"]
 
 #: Fractions of cases referred whose accuracies go into the JSON (the plot uses 1% steps).
 REFERRAL_FRACTIONS: tuple[float, ...] = tuple(i / 20 for i in range(11))
@@ -31,22 +48,10 @@ REFERRAL_FRACTIONS: tuple[float, ...] = tuple(i / 20 for i in range(11))
 REPORT_HTML = "report.html"
 REPORT_JSON = "results.json"
 IMAGES_DIR = "images"
+TEMPLATE = "report.html.j2"
 
-_STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1150px;
-       padding: 0 1em; color: #222; line-height: 1.45; }
-h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 1.6em; }
-table { border-collapse: collapse; margin: 0.8em 0; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-thead th { background: #f2f4f7; } td.best { font-weight: bold; background: #eaf6ea; }
-.figures { display: flex; flex-wrap: wrap; gap: 1em; }
-figure { margin: 0; border: 1px solid #e3e3e3; padding: 0.5em; background: #fff; }
-figure img { display: block; max-width: 520px; height: auto; }
-figcaption { font-size: 0.9em; color: #555; max-width: 520px; }
-pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
-.note { color: #555; font-size: 0.95em; }
-"""
+#: What a report folder holds; an existing folder with anything else is not replaced.
+_REPORT_ENTRIES = frozenset({REPORT_HTML, REPORT_JSON, IMAGES_DIR})
 
 #: For each metric, whether a larger value is better (used to mark the best model).
 _HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False, "brier": False, "aurc": False,
@@ -72,6 +77,36 @@ class Report:
     html: Path
     json: Path
     figures: list[Figure]
+
+
+@dataclass
+class Cell:
+    """One table cell: its text (escaped on the page) and whether it is the row's best value."""
+
+    text: str
+    best: bool = False
+
+
+@dataclass
+class Table:
+    """A table of the page: a header row, rows of cells and an optional note under it.
+
+    Args:
+        header: the column titles.
+        rows: rows of :class:`Cell` (or plain strings, made cells).
+        title: a heading above the table (``<h2>``, ``<h3>`` if ``subsection``).
+        note: a paragraph under the table.
+    """
+
+    header: Sequence[str]
+    rows: Sequence[Sequence[Cell | str]]
+    title: str = ""
+    note: str = ""
+    subsection: bool = False
+
+    def __post_init__(self) -> None:
+        self.rows = [[c if isinstance(c, Cell) else Cell(str(c)) for c in row] for row in self.rows]
+        self.header = [str(h) for h in self.header]
 
 
 def _slug(text: str) -> str:
@@ -172,18 +207,14 @@ def _referral_figure(evaluations: Sequence[ModelEvaluation], images: Path) -> Fi
                   path)
 
 
-def _referral_table(referral: Mapping[str, Any]) -> str:
-    esc = html.escape
+def _referral_table(referral: Mapping[str, Any]) -> Table:
     labels = list(referral["accuracy"])
-    head = "".join(f"<th>{esc(label)}</th>" for label in labels)
-    rows = "".join(
-        f"<tr><td>{100 * f:.0f}%</td>"
-        + "".join(f"<td>{100 * referral['accuracy'][label][i]:.2f}%</td>" for label in labels) + "</tr>"
-        for i, f in enumerate(referral["fractions"]))
-    random = ", ".join(f"{esc(name)} {100 * acc:.2f}%" for name, acc in referral["random"].items())
-    return (f"<h2>Referral</h2><table><thead><tr><th>referred</th>{head}</tr></thead><tbody>{rows}</tbody></table>"
-            f"<p class=\"note\">Accuracy on the kept test cases. Random referral keeps, on average, the "
-            f"accuracy without referral: {random}.</p>")
+    rows = [[f"{100 * f:.0f}%"] + [_percent(referral["accuracy"][label][i], 2) for label in labels]
+            for i, f in enumerate(referral["fractions"])]
+    random = ", ".join(f"{name} {_percent(acc, 2)}" for name, acc in referral["random"].items())
+    return Table(["referred", *labels], rows, title="Referral",
+                 note="Accuracy on the kept test cases. Random referral keeps, on average, the accuracy "
+                      f"without referral: {random}.")
 
 
 def _data_uri(path: Path) -> str:
@@ -191,35 +222,49 @@ def _data_uri(path: Path) -> str:
 
 
 def _best(evaluations: Sequence[ModelEvaluation], key: str) -> float | None:
-    values = [e.metrics.get(key) for e in evaluations if e.metrics.get(key) is not None]
-    if len(values) < 2:
+    values = [v for e in evaluations if (v := e.metrics.get(key)) is not None]
+    higher = _HIGHER_IS_BETTER.get(key)
+    if len(values) < 2 or higher is None:  # a metric without a direction marks no best value
         return None
-    return max(values) if _HIGHER_IS_BETTER[key] else min(values)
+    return max(values) if higher else min(values)
 
 
-def _metrics_table(evaluations: Sequence[ModelEvaluation]) -> str:
-    esc = html.escape
-    head = "".join(f"<th>{esc(e.name)}</th>" for e in evaluations)
+def _metrics_table(evaluations: Sequence[ModelEvaluation]) -> Table:
     rows = []
     for key, label in METRIC_LABELS.items():
         best = _best(evaluations, key)
-        cells = []
-        for e in evaluations:
-            value = e.metrics.get(key)
-            mark = ' class="best"' if best is not None and value == best else ""
-            cells.append(f"<td{mark}>{esc(_format(key, value))}</td>")
-        rows.append(f"<tr><td>{esc(label)}</td>{''.join(cells)}</tr>")
-    return f"<table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        rows.append([Cell(label)] + [Cell(_format(key, e.metrics.get(key)),
+                                          best=best is not None and e.metrics.get(key) == best)
+                                     for e in evaluations])
+    return Table(["metric", *(e.name for e in evaluations)], rows, note=(
+        "Best value per row in bold. NLL: mean negative log-likelihood of the true class. ECE: expected "
+        "calibration error. AURC: area under the risk-coverage curve. OOD AUROC: how well the uncertainty "
+        "separates inputs of held-out classes from test inputs (0.5 = chance, 1 = perfect). Mutual "
+        "information is the epistemic part of the uncertainty, which only a Bayesian model has."))
 
 
-def _training_table(name: str, history: Sequence[Mapping[str, Any]]) -> str:
-    esc = html.escape
-    rows = "".join(
-        f"<tr><td>{h['epoch']}</td><td>{h['loss']:.4f}</td><td>{h['nll']:.4f}</td>"
-        f"<td>{h['kl_per_example']:.4f}</td><td>{100 * h['train_accuracy']:.1f}%</td>"
-        f"<td>{100 * h['test_accuracy']:.1f}%</td><td>{h['seconds']:.1f}</td></tr>" for h in history)
-    return (f"<h3>{esc(name)}</h3><table><thead><tr><th>epoch</th><th>loss</th><th>NLL</th><th>KL / N</th>"
-            f"<th>train accuracy</th><th>test accuracy</th><th>seconds</th></tr></thead><tbody>{rows}</tbody></table>")
+def _number(value: Any, spec: str) -> str:
+    """``value`` formatted with ``spec`` if it is a real number, else "n/a"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a"
+    return format(value, spec)
+
+
+def _percent(value: Any, digits: int) -> str:
+    text = _number(100 * value if isinstance(value, (int, float)) and not isinstance(value, bool) else None,
+                   f".{digits}f")
+    return text if text == "n/a" else text + "%"
+
+
+_TRAINING_COLUMNS = (("epoch", "epoch", "g"), ("loss", "loss", ".4f"), ("NLL", "nll", ".4f"),
+                     ("KL / N", "kl_per_example", ".4f"), ("train accuracy", "train_accuracy", "%1"),
+                     ("test accuracy", "test_accuracy", "%1"), ("seconds", "seconds", ".1f"))
+
+
+def _training_table(name: str, history: Sequence[Mapping[str, Any]]) -> Table:
+    rows = [[_percent(h.get(key), 1) if spec == "%1" else _number(h.get(key), spec)
+             for _, key, spec in _TRAINING_COLUMNS] for h in history]
+    return Table([label for label, _, _ in _TRAINING_COLUMNS], rows, title=name, subsection=True)
 
 
 def _json_safe(value: Any) -> Any:
@@ -232,14 +277,115 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def check_report_folder(out_dir: str | Path) -> Path:
+    """Raise unless a report can be written to ``out_dir``, before any work is done.
+
+    The folder may be new (its parent folders are created) or an earlier report (only
+    ``report.html``, ``results.json`` and ``images/`` in it): anything else in it would be
+    lost when the new report replaces it. The nearest existing parent must be a folder
+    this process can write in (checked by creating and removing a file there).
+
+    Args:
+        out_dir: the report folder.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: ``out_dir`` is a file, lies under a file, holds other files, has
+            too long a name or cannot be written (the message says which).
+    """
+    directory = Path(out_dir)
+    if directory.exists():
+        if not directory.is_dir():
+            raise ValueError(f"{str(directory)!r} is a file, not a folder")
+        others = sorted(p.name for p in directory.iterdir() if p.name not in _REPORT_ENTRIES)
+        if others:
+            raise ValueError(f"{str(directory)!r} holds files that are not a report's ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")
+    check_writable_parent(directory)
+    return directory
+
+
+def check_writable_parent(path: str | Path) -> None:
+    """Raise ``ValueError`` unless ``path`` can be created: its names fit the file system and
+    its nearest existing parent is a folder this process can write in.
+
+    Args:
+        path: a file or folder to be created (or replaced).
+    """
+    path = Path(os.path.abspath(path))
+    ancestor = path.parent
+    missing = [path.name]
+    while not ancestor.exists():
+        missing.append(ancestor.name)
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{str(ancestor)!r} is a file, not a folder")
+    name_max = os.pathconf(ancestor, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
+    for name in missing:
+        if len(os.fsencode(name)) > name_max:
+            raise ValueError(f"the name {name[:40]!r}... is too long ({len(os.fsencode(name))} bytes; "
+                             f"this file system allows {name_max})")
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write in {str(ancestor)!r}: {e.strerror or e}") from None
+
+
+def _render(context: Mapping[str, Any]) -> str:
+    try:
+        import jinja2
+    except ImportError as e:  # pragma: no cover - the 'cli' extra is missing
+        raise ImportError("the report needs Jinja2: pip install 'torchbayes[cli]'") from e
+    env = jinja2.Environment(loader=jinja2.PackageLoader("torchbayes.cli", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template(TEMPLATE).render(**context)
+
+
+@dataclass
+class _FigureView:
+    """What the template shows of a figure."""
+
+    title: str
+    caption: str
+    href: str
+    data_uri: str = field(repr=False)
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Move the finished ``staging`` folder to ``directory``, replacing an earlier report.
+
+    The old folder is moved aside first and deleted only once the new one is in place;
+    if the second rename fails, the old one is put back.
+    """
+    if not directory.exists():
+        os.rename(staging, directory)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+    aside.rmdir()  # only its unique name is used
+    os.rename(directory, aside)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        os.rename(aside, directory)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def write_report(out_dir: str | Path, evaluations: Sequence[ModelEvaluation], *, title: str,
                  summary: str = "", settings: Mapping[str, Any] | None = None,
                  histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-                 referral: bool = False) -> Report:
+                 referral: bool = False, tables: Sequence[Table] = ()) -> Report:
     """Write ``report.html``, ``results.json`` and ``images/*.png`` into ``out_dir``.
 
+    Everything is written to a hidden sibling folder first and swapped in at the end:
+    on any failure an earlier report in ``out_dir`` stays as it was.
+
     Args:
-        out_dir: the report folder (created; files of an earlier report are replaced).
+        out_dir: the report folder (created, or an earlier report replaced; see
+            :func:`check_report_folder`).
         evaluations: the models to compare (from :func:`evaluate_classifier`).
         title: the page's title.
         summary: a paragraph (plain text) under the title.
@@ -247,18 +393,47 @@ def write_report(out_dir: str | Path, evaluations: Sequence[ModelEvaluation], *,
         histories: per model name, its training epochs (``EpochSummary`` as dicts).
         referral: add the referral curves (a figure, and :func:`referral_results` under
             the JSON's ``"referral"`` key).
+        tables: more tables, shown under the metrics table (plain text cells).
 
     Returns:
         A :class:`Report` with the written paths.
+
+    Raises:
+        ValueError: no evaluations, or ``out_dir`` cannot take a report.
 
     Example:
         >>> write_report("report", [det_eval, bayes_eval], title="MNIST: deterministic vs Bayesian")
     """
     if not evaluations:
         raise ValueError("write_report needs at least one evaluation")
-    directory = Path(out_dir)
+    directory = check_report_folder(out_dir)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        written = _write_files(staging, evaluations, title=title, summary=summary, settings=settings,
+                     histories=histories, referral=referral, tables=tables)
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the report from other users
+        _swap_in(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    figures = [Figure(f.section, f.title, f.caption, directory / f.path.relative_to(staging))
+               for f in written]
+    return Report(directory, directory / REPORT_HTML, directory / REPORT_JSON, figures)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _write_files(directory: Path, evaluations: Sequence[ModelEvaluation], *, title: str, summary: str,
+                 settings: Mapping[str, Any] | None, histories: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+                 referral: bool, tables: Sequence[Table]) -> list[Figure]:
+    """Write the report's files into the (empty) ``directory``; returns its figures."""
     images = directory / IMAGES_DIR
-    images.mkdir(parents=True, exist_ok=True)
+    images.mkdir()
     figures = _make_figures(evaluations, images)
     if referral:
         figures.append(_referral_figure(evaluations, images))
@@ -267,7 +442,7 @@ def write_report(out_dir: str | Path, evaluations: Sequence[ModelEvaluation], *,
     from torchbayes import __version__
 
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    results = {
+    results: dict[str, Any] = {
         "title": title,
         "created": created,
         "torchbayes_version": __version__,
@@ -277,40 +452,21 @@ def write_report(out_dir: str | Path, evaluations: Sequence[ModelEvaluation], *,
         "metric_labels": METRIC_LABELS,
         "images": [str(f.path.relative_to(directory)) for f in figures],
     }
+    extra_tables = list(tables)
     if referral:
         results["referral"] = referral_results(evaluations)
-    json_path = directory / REPORT_JSON
-    json_path.write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
+        extra_tables.insert(0, _referral_table(results["referral"]))
+    (directory / REPORT_JSON).write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
 
-    esc = html.escape
-    sections: dict[str, list[Figure]] = {}
+    sections: dict[str, list[_FigureView]] = {}
     for f in figures:
-        sections.setdefault(f.section, []).append(f)
-    parts = [f"<h1>{esc(title)}</h1>", f"<p class=\"note\">torchbayes {esc(__version__)} &middot; {esc(created)}</p>"]
-    if summary:
-        parts.append(f"<p>{esc(summary)}</p>")
-    parts += ["<h2>Results</h2>", _metrics_table(evaluations),
-              "<p class=\"note\">Best value per row in bold. NLL: mean negative log-likelihood of the true "
-              "class. ECE: expected calibration error. AURC: area under the risk-coverage curve. OOD AUROC: "
-              "how well the uncertainty separates inputs of held-out classes from test inputs (0.5 = chance, "
-              "1 = perfect). Mutual information is the epistemic part of the uncertainty, which only a "
-              "Bayesian model has.</p>"]
-    if referral:
-        parts.append(_referral_table(results["referral"]))
-    for section, items in sections.items():
-        parts.append(f"<h2>{esc(section)}</h2><div class=\"figures\">")
-        for f in items:
-            parts.append(f"<figure><img src=\"{_data_uri(f.path)}\" alt=\"{esc(f.title)}\" "
-                         f"width=\"520\"><figcaption><b>{esc(f.title)}.</b> {esc(f.caption)} "
-                         f"(<a href=\"{esc(str(f.path.relative_to(directory)))}\">PNG</a>)</figcaption></figure>")
-        parts.append("</div>")
-    if histories:
-        parts.append("<h2>Training</h2>")
-        parts += [_training_table(name, h) for name, h in histories.items() if h]
-    parts.append(f"<h2>Settings</h2><pre>{esc(json.dumps(_json_safe(settings), indent=2))}</pre>")
-    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>{esc(title)}</title>\n"
-            f"<style>{_STYLE}</style>\n</head>\n<body>\n" + "\n".join(parts) + "\n</body>\n</html>\n")
-    html_path = directory / REPORT_HTML
-    html_path.write_text(page, encoding="utf-8")
-    return Report(directory, html_path, json_path, figures)
+        href = str(f.path.relative_to(directory))
+        sections.setdefault(f.section, []).append(_FigureView(f.title, f.caption, href, _data_uri(f.path)))
+    page = _render({
+        "title": title, "version": __version__, "created": created, "summary": summary,
+        "metrics": _metrics_table(evaluations), "tables": extra_tables, "sections": list(sections.items()),
+        "training": [_training_table(name, h) for name, h in histories.items() if h],
+        "settings_json": json.dumps(_json_safe(settings), indent=2),
+    })
+    (directory / REPORT_HTML).write_text(page, encoding="utf-8")
+    return figures
