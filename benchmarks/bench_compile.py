@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torchbayes
-from torchbayes.conversion import DEFAULT_PRIOR_PARAMETERS, dnn_to_bnn
+from torchbayes.conversion import REFERENCE_PRIOR_PARAMETERS, dnn_to_bnn
 
 
 def mlp() -> tuple[nn.Module, tuple[int, ...]]:
@@ -59,7 +59,7 @@ def bench(name: str, factory: Callable[[], tuple[nn.Module, tuple[int, ...]]], e
           batch: int, repeats: int) -> None:
     torch.manual_seed(0)
     base, shape = factory()
-    eager = dnn_to_bnn(base, {**DEFAULT_PRIOR_PARAMETERS, "type": estimator})
+    eager = dnn_to_bnn(base, {**REFERENCE_PRIOR_PARAMETERS, "type": estimator})
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model)
     x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))

@@ -13,7 +13,7 @@ from torch import nn
 
 import torchbayes
 from torchbayes import bnn_to_dnn, conversion_history, dnn_to_bnn, get_kl_loss, model_summary
-from torchbayes.conversion import ConversionReport, register_conversion
+from torchbayes.conversion import DEFAULT_SETTINGS, ConversionReport, register_conversion
 from torchbayes.nn import (
     BayesConv1d,
     BayesConv2d,
@@ -143,13 +143,15 @@ def test_type_accepts_local_and_any_case(type_: str) -> None:
     assert model(torch.randn(5, 3)).shape == (5, 4)
 
 
-def test_none_means_readme_defaults() -> None:
+def test_none_means_the_default_settings() -> None:
     model = dnn_to_bnn(nn.Sequential(nn.Linear(3, 4)))
-    layer = model[0]
-    assert layer.estimator == "reparameterization"
-    assert float(layer.weight_prior.mu) == 0.0 and float(layer.weight_prior.sigma) == 1.0
-    assert torch.all(layer.weight_rho == -3.0)
-    assert conversion_history(model)[-1].prior_parameters["moped_enable"] is False
+    layer, defaults = model[0], DEFAULT_SETTINGS
+    assert layer.estimator == defaults.estimator
+    if defaults.prior is None and not defaults.moped:
+        assert float(layer.weight_prior.mu) == defaults.prior_mu
+        assert float(layer.weight_prior.sigma) == pytest.approx(defaults.prior_sigma)
+        assert torch.all(layer.weight_rho == defaults.posterior_rho_init)
+    assert conversion_history(model)[-1].prior_parameters == defaults.reference_dict()
 
 
 def test_dictionary_values_reach_the_layers() -> None:
@@ -342,9 +344,8 @@ def _bad(key: str, value) -> dict:
 
 
 @pytest.mark.parametrize("params,error,match", [
-    (_bad("moped_delta", KeyError), KeyError, "moped_delta"),
-    (_bad("prior_sigma", KeyError), KeyError, "prior_sigma"),
     (_bad("prior_variance", 1.0), KeyError, "prior_variance"),
+    (_bad("prior_sigm", 1.0), KeyError, r"'prior_sigm' \(did you mean 'prior_sigma'\?\)"),
     (_bad("type", "MCDropout"), ValueError, "'type'"),
     (_bad("moped_delta", 0.0), ValueError, "moped_delta"),
     (_bad("moped_delta", -0.5), ValueError, "moped_delta"),

@@ -15,12 +15,13 @@ swapped in, so a failure leaves the model exactly as it was.
 from __future__ import annotations
 
 import copy
+import difflib
 import fnmatch
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, NoReturn, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -37,11 +38,13 @@ from torchbayes.nn.conv import (
 )
 from torchbayes.nn.linear import BayesLinear
 from torchbayes.nn.rnn import BayesGRU, BayesLSTM
-from torchbayes.priors import GaussianPrior
+from torchbayes.priors import GaussianPrior, Prior, ScaleMixturePrior
 
 __all__ = [
-    "DEFAULT_PRIOR_PARAMETERS",
+    "DEFAULT_SETTINGS",
+    "REFERENCE_PRIOR_PARAMETERS",
     "ConversionReport",
+    "ConversionSettings",
     "bnn_to_dnn",
     "conversion_history",
     "dnn_to_bnn",
@@ -54,17 +57,6 @@ __all__ = [
 ModelT = TypeVar("ModelT", bound=nn.Module)
 Predicate = Callable[[str, nn.Module], bool]
 Selector = str | Iterable[str] | Predicate | None
-
-#: The reference's dictionary (its README's values); ``None`` means these.
-DEFAULT_PRIOR_PARAMETERS: dict[str, Any] = {
-    "prior_mu": 0.0,
-    "prior_sigma": 1.0,
-    "posterior_mu_init": 0.0,
-    "posterior_rho_init": -3.0,
-    "type": "Reparameterization",
-    "moped_enable": False,
-    "moped_delta": 0.5,
-}
 
 #: Attribute of a converted model holding its list of :class:`ConversionReport`.
 HISTORY_ATTRIBUTE = "torchbayes_conversions"
@@ -133,7 +125,26 @@ def _bayesian_twin(module: nn.Module) -> type[nn.Module] | None:
     return None
 
 
-# ---------------------------------------------------------------- the dictionary
+# ---------------------------------------------------------------- the settings
+#: Bayesian-Torch's dictionary as in its README.
+REFERENCE_PRIOR_PARAMETERS: dict[str, Any] = {
+    "prior_mu": 0.0,
+    "prior_sigma": 1.0,
+    "posterior_mu_init": 0.0,
+    "posterior_rho_init": -3.0,
+    "type": "Reparameterization",
+    "moped_enable": False,
+    "moped_delta": 0.5,
+}
+
+# The reference's dictionary key -> the setting (keyword) it gives.
+_REFERENCE_KEYS = {"prior_mu": "prior_mu", "prior_sigma": "prior_sigma",
+                   "posterior_mu_init": "posterior_mu_init", "posterior_rho_init": "posterior_rho_init",
+                   "type": "estimator", "moped_enable": "moped", "moped_delta": "moped_delta"}
+_SETTING_NAMES = ("estimator", "prior_mu", "prior_sigma", "posterior_mu_init", "posterior_rho_init",
+                  "moped", "moped_delta", "prior")
+
+
 def _finite(label: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{label} must be a finite number, got {value!r}")
@@ -147,56 +158,144 @@ def _positive(label: str, value: Any) -> float:
     return number
 
 
+def _checked(name: str, value: Any, label: str) -> Any:
+    """Setting ``name`` made canonical, or an error naming ``label`` (how the user spelt it)."""
+    if name == "estimator":
+        try:
+            return canonical_estimator(value)
+        except ValueError:
+            raise ValueError(f"{label} must be 'reparameterization', 'flipout' or 'local' (any case; the "
+                             f"reference's 'Reparameterization' and 'Flipout' too), got {value!r}") from None
+    if name == "moped":
+        if not isinstance(value, bool):
+            raise ValueError(f"{label} must be True or False, got {value!r}")
+        return value
+    if name == "prior":
+        if value is not None and not isinstance(value, Prior):
+            raise TypeError(f"{label} must be a torchbayes.priors.Prior (e.g. ScaleMixturePrior(...)) or "
+                            f"None, got {type(value).__name__}")
+        return value
+    if name in ("prior_sigma", "moped_delta"):
+        return _positive(label, value)
+    return _finite(label, value)
+
+
+def _unknown(what: str, names: Iterable[str], valid: Iterable[str]) -> str:
+    valid = list(valid)
+    hints = [f"{n!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(n), valid, 1))
+             else repr(n) for n in names]
+    return f"{what} {', '.join(hints)}; valid: {', '.join(valid)}"
+
+
 def _key(name: str) -> str:
     return f"bnn_prior_parameters[{name!r}]"
 
 
+@dataclass(frozen=True)
+class ConversionSettings:
+    """The settings of a :func:`dnn_to_bnn` call, checked; fields are its keyword names.
+
+    Attributes:
+        estimator: how weights are sampled in training: ``"reparameterization"``,
+            ``"flipout"`` or ``"local"`` (local reparameterization), any letter case.
+        prior_mu: mean of the Gaussian prior ``N(prior_mu, prior_sigma^2)`` of every weight.
+        prior_sigma: its standard deviation, > 0.
+        posterior_mu_init: added to the deterministic weights to give the posterior means.
+        posterior_rho_init: initial ``rho`` of every weight; the posterior standard
+            deviation is ``softplus(rho)`` (-3 gives about 0.049).
+        moped: MOPED initialisation from the model's own weights ``w``: posterior
+            ``N(w, (moped_delta |w|)^2)``, prior ``N(w, prior_sigma^2)``.
+        moped_delta: MOPED's relative posterior scale, > 0.
+        prior: a :class:`~torchbayes.priors.Prior` (copied to every weight, e.g. a
+            :class:`~torchbayes.priors.ScaleMixturePrior`) instead of the Gaussian given by
+            ``prior_mu``/``prior_sigma``; ``None`` for that Gaussian.
+
+    Raises:
+        ValueError, TypeError: an invalid value (the message names the field).
+
+    Example:
+        >>> ConversionSettings(estimator="Flipout", prior_sigma=0.1).estimator
+        'flipout'
+    """
+
+    estimator: str = "reparameterization"
+    prior_mu: float = 0.0
+    prior_sigma: float = 1.0
+    posterior_mu_init: float = 0.0
+    posterior_rho_init: float = -3.0
+    moped: bool = False
+    moped_delta: float = 0.5
+    prior: Prior | None = None
+
+    def __post_init__(self) -> None:
+        for name in _SETTING_NAMES:
+            object.__setattr__(self, name, _checked(name, getattr(self, name), name))
+        if self.moped and self.prior is not None:
+            raise ValueError("moped sets Gaussian priors N(w, prior_sigma^2) centred on the weights; "
+                             "it cannot be combined with prior=")
+
+    def reference_dict(self) -> dict[str, Any]:
+        """The same settings as the reference's seven-key ``bnn_prior_parameters``."""
+        return {key: getattr(self, name) for key, name in _REFERENCE_KEYS.items()}
+
+
+#: The native defaults of :func:`dnn_to_bnn` (every setting not given); the one place to change them.
+DEFAULT_SETTINGS = ConversionSettings()
+
+
+def _resolve(bnn_prior_parameters: Mapping[str, Any] | None, keywords: Mapping[str, Any]) -> ConversionSettings:
+    """Defaults, then the dictionary's keys, then the keywords; each setting given at most once."""
+    chosen: dict[str, Any] = {}
+    if bnn_prior_parameters is not None:
+        if not isinstance(bnn_prior_parameters, Mapping):
+            raise TypeError("bnn_prior_parameters must be a dict like "
+                            f"{REFERENCE_PRIOR_PARAMETERS} (any subset of its keys), "
+                            f"got {type(bnn_prior_parameters).__name__}")
+        unknown = [k for k in bnn_prior_parameters if k not in _REFERENCE_KEYS]
+        if unknown:
+            raise KeyError(_unknown("bnn_prior_parameters: unknown key(s)", unknown, _REFERENCE_KEYS)
+                           + " (or use the keywords: dnn_to_bnn(model, estimator=..., prior_sigma=...))")
+        for key, value in bnn_prior_parameters.items():
+            chosen[_REFERENCE_KEYS[key]] = _checked(_REFERENCE_KEYS[key], value, _key(key))
+    twice = [name for name in keywords if name in chosen]
+    if twice:
+        raise TypeError(f"dnn_to_bnn: {twice} given both as keyword(s) and in bnn_prior_parameters")
+    chosen.update(keywords)
+    gaussian = {"prior_mu", "prior_sigma"} & chosen.keys()
+    if chosen.get("prior") is not None:
+        if gaussian:
+            raise ValueError(f"dnn_to_bnn: give either prior= or {sorted(gaussian)} (the Gaussian prior), "
+                             "not both")
+        chosen.setdefault("moped", False)  # a default MOPED must not veto an explicit prior
+    elif gaussian:
+        chosen.setdefault("prior", None)  # an explicit Gaussian replaces a default prior object
+    return replace(DEFAULT_SETTINGS, **chosen)
+
+
 def normalize_prior_parameters(bnn_prior_parameters: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Check the reference's dictionary and return it with ``"type"`` made canonical.
+    """Check the reference's dictionary and return it complete, with ``"type"`` made canonical.
 
     Args:
-        bnn_prior_parameters: exactly the keys of :data:`DEFAULT_PRIOR_PARAMETERS`
+        bnn_prior_parameters: any of the keys of :data:`REFERENCE_PRIOR_PARAMETERS`
             (``prior_mu``, ``prior_sigma``, ``posterior_mu_init``, ``posterior_rho_init``,
             ``type``, ``moped_enable``, ``moped_delta``), as in Bayesian-Torch's README;
-            ``None`` for the defaults. ``type`` is ``"Reparameterization"``, ``"Flipout"``
-            or ``"local"`` in any letter case.
+            missing keys take :data:`DEFAULT_SETTINGS`' values (``None``: all of them).
+            ``type`` is ``"Reparameterization"``, ``"Flipout"`` or ``"local"`` in any
+            letter case.
 
     Returns:
-        A new dict with the same keys, floats for numbers and ``type`` one of
+        A new dict with all seven keys, floats for numbers and ``type`` one of
         ``"reparameterization"``, ``"flipout"``, ``"local"``.
 
     Raises:
-        KeyError: a key is missing or unknown (the message names it).
+        KeyError: an unknown (e.g. misspelt) key; the message names it and the valid ones.
         ValueError: a value is invalid (the message names its key).
+
+    Example:
+        >>> normalize_prior_parameters({"type": "Flipout"})["type"]
+        'flipout'
     """
-    if bnn_prior_parameters is None:
-        bnn_prior_parameters = DEFAULT_PRIOR_PARAMETERS
-    if not isinstance(bnn_prior_parameters, Mapping):
-        raise TypeError("bnn_prior_parameters must be a dict like "
-                        f"{DEFAULT_PRIOR_PARAMETERS}, got {type(bnn_prior_parameters).__name__}")
-    unknown = sorted(set(bnn_prior_parameters) - set(DEFAULT_PRIOR_PARAMETERS), key=str)
-    missing = [k for k in DEFAULT_PRIOR_PARAMETERS if k not in bnn_prior_parameters]
-    if unknown or missing:
-        raise KeyError(f"bnn_prior_parameters: unknown key(s) {unknown}, missing key(s) {missing}; "
-                       f"expected exactly the keys of {DEFAULT_PRIOR_PARAMETERS}")
-    p = bnn_prior_parameters
-    try:
-        estimator = canonical_estimator(p["type"])
-    except ValueError:
-        raise ValueError(f"bnn_prior_parameters['type'] must be 'Reparameterization', 'Flipout' or "
-                         f"'local' (any case), got {p['type']!r}") from None
-    if not isinstance(p["moped_enable"], bool):
-        raise ValueError(f"bnn_prior_parameters['moped_enable'] must be True or False, "
-                         f"got {p['moped_enable']!r}")
-    return {
-        "prior_mu": _finite(_key("prior_mu"), p["prior_mu"]),
-        "prior_sigma": _positive(_key("prior_sigma"), p["prior_sigma"]),
-        "posterior_mu_init": _finite(_key("posterior_mu_init"), p["posterior_mu_init"]),
-        "posterior_rho_init": _finite(_key("posterior_rho_init"), p["posterior_rho_init"]),
-        "type": estimator,
-        "moped_enable": p["moped_enable"],
-        "moped_delta": _positive(_key("moped_delta"), p["moped_delta"]),
-    }
+    return _resolve(bnn_prior_parameters, {}).reference_dict()
 
 
 # ------------------------------------------------------------------ selection
@@ -373,36 +472,70 @@ def _deterministic_state(model: nn.Module, bayesian: list[str], state: Mapping[s
 
 
 # ----------------------------------------------------------------- dnn_to_bnn
+def _prior_record(prior: Prior | None) -> dict[str, Any] | None:
+    """A plain-types description of a prior object, enough to rebuild the built-in ones."""
+    if prior is None:
+        return None
+    if type(prior) is ScaleMixturePrior:
+        return {"class": "ScaleMixturePrior", "pi": prior.pi, "sigma1": prior.sigma1, "sigma2": prior.sigma2,
+                "num_samples": prior.num_samples}
+    if type(prior) is GaussianPrior and prior.mu.numel() == 1 and prior.sigma.numel() == 1:
+        return {"class": "GaussianPrior", "mu": float(prior.mu), "sigma": float(prior.sigma)}
+    return {"class": f"{type(prior).__module__}.{type(prior).__qualname__}"}
+
+
+def _prior_from_record(record: Mapping[str, Any] | None) -> Prior | None:
+    if record is None:
+        return None
+    args = {k: v for k, v in record.items() if k != "class"}
+    if record["class"] == "ScaleMixturePrior":
+        return ScaleMixturePrior(**args)
+    if record["class"] == "GaussianPrior":
+        return GaussianPrior(**args)
+    raise ValueError(f"cannot rebuild a {record['class']} prior from a conversion record; convert the "
+                     "model with the same prior= yourself, then load its state_dict")
+
+
 @dataclass(frozen=True)
 class ConversionReport:
     """What one :func:`dnn_to_bnn` call did; the model keeps a list of them.
 
     Attributes:
-        prior_parameters: the normalised dictionary used (see
-            :func:`normalize_prior_parameters`).
+        prior_parameters: the settings used, as the reference's complete seven-key
+            dictionary (see :func:`normalize_prior_parameters`).
         converted: qualified names of the layers made Bayesian.
         skipped: qualified name -> reason, for selected layers that were left
             deterministic because they cannot be converted correctly.
+        prior: the ``prior=`` object used, described in plain types
+            (``{"class": "ScaleMixturePrior", "pi": ..., ...}``); ``None`` for the Gaussian
+            given by ``prior_mu``/``prior_sigma``.
     """
 
     prior_parameters: dict[str, Any]
     converted: tuple[str, ...]
     skipped: dict[str, str] = field(default_factory=dict)
+    prior: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types (for JSON or a ``weights_only`` checkpoint)."""
         return {"prior_parameters": dict(self.prior_parameters), "converted": list(self.converted),
-                "skipped": dict(self.skipped)}
+                "skipped": dict(self.skipped), "prior": None if self.prior is None else dict(self.prior)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConversionReport:
         """Inverse of :meth:`to_dict`."""
+        prior = data.get("prior")
         return cls(normalize_prior_parameters(data["prior_parameters"]), tuple(data["converted"]),
-                   dict(data.get("skipped", {})))
+                   dict(data.get("skipped", {})), None if prior is None else dict(prior))
+
+    def settings(self) -> ConversionSettings:
+        """The :class:`ConversionSettings` of the call (rebuilding its ``prior`` object)."""
+        named = {_REFERENCE_KEYS[key]: value for key, value in self.prior_parameters.items()}
+        return ConversionSettings(**named, prior=_prior_from_record(self.prior))
 
     def reapply(self, model: ModelT) -> ModelT:
         """Convert the same layers of a fresh copy of the deterministic architecture."""
-        return dnn_to_bnn(model, self.prior_parameters, include=lambda name, _m: name in self.converted)
+        return _convert(model, self.settings(), lambda name, _m: name in self.converted, None)
 
 
 def conversion_history(model: nn.Module) -> tuple[ConversionReport, ...]:
@@ -418,18 +551,36 @@ def _swap(model: nn.Module, replacements: dict[int, nn.Module]) -> None:
                 setattr(parent, key, replacements[id(child)])
 
 
-def dnn_to_bnn(model: ModelT, bnn_prior_parameters: Mapping[str, Any] | None = None, *,
-               include: Selector = None, exclude: Selector = None) -> ModelT:
+def dnn_to_bnn(
+    model: ModelT,
+    bnn_prior_parameters: Mapping[str, Any] | None = None,
+    *,
+    estimator: str | None = None,
+    prior_mu: float | None = None,
+    prior_sigma: float | None = None,
+    posterior_mu_init: float | None = None,
+    posterior_rho_init: float | None = None,
+    moped: bool | None = None,
+    moped_delta: float | None = None,
+    prior: Prior | None = None,
+    include: Selector = None,
+    exclude: Selector = None,
+    **unknown: NoReturn,
+) -> ModelT:
     """Replace, in place, every layer with a Bayesian twin by that twin.
 
     Layers are matched by type (``isinstance``): ``nn.Linear``, ``nn.Conv1d/2d/3d``,
-    ``nn.ConvTranspose1d/2d/3d`` and their subclasses, plus whatever
-    :func:`register_conversion` added. A module merely NAMED like a layer is left
-    alone, as are BatchNorm, LayerNorm, embeddings and every other module. Each new
+    ``nn.ConvTranspose1d/2d/3d``, ``nn.LSTM``, ``nn.GRU`` and their subclasses, plus
+    whatever :func:`register_conversion` added. A module merely NAMED like a layer is
+    left alone, as are BatchNorm, LayerNorm, embeddings and every other module. Each new
     layer keeps all constructor arguments of the old one and starts with posterior
     means equal to its weights (plus ``posterior_mu_init``); Bayesian-Torch instead
-    re-initialises them unless MOPED is on. With ``moped_enable`` the posterior is
+    re-initialises them unless MOPED is on. With ``moped`` the posterior is
     ``N(w, (moped_delta |w|)^2)`` and the prior ``N(w, prior_sigma^2)`` per weight.
+
+    Settings are given as keywords, or as Bayesian-Torch's dictionary (all seven keys as
+    in its README, or any subset), or both (each setting once); whatever is not given
+    takes its value from :data:`DEFAULT_SETTINGS`.
 
     Layers inside ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (whose
     forward reads their weights directly) and layers sharing a parameter with another
@@ -441,9 +592,18 @@ def dnn_to_bnn(model: ModelT, bnn_prior_parameters: Mapping[str, Any] | None = N
             Bayesian twin is returned instead).
         bnn_prior_parameters: Bayesian-Torch's dictionary, e.g. ``{"prior_mu": 0.0,
             "prior_sigma": 1.0, "posterior_mu_init": 0.0, "posterior_rho_init": -3.0,
-            "type": "Reparameterization", "moped_enable": False, "moped_delta": 0.5}``
-            (all seven keys; ``type`` may also be ``"Flipout"`` or ``"local"``);
-            ``None`` for those defaults.
+            "type": "Reparameterization", "moped_enable": False, "moped_delta": 0.5}``,
+            or part of it (``{"type": "Flipout"}``); ``type`` may also be ``"local"``.
+        estimator: ``"reparameterization"``, ``"flipout"`` or ``"local"`` (the
+            dictionary's ``type``).
+        prior_mu: mean of every weight's Gaussian prior.
+        prior_sigma: its standard deviation, > 0.
+        posterior_mu_init: added to the weights to give the posterior means.
+        posterior_rho_init: initial ``rho``; posterior sigma ``softplus(rho)``.
+        moped: MOPED from the model's own weights (the dictionary's ``moped_enable``).
+        moped_delta: MOPED's relative posterior scale, > 0.
+        prior: a :class:`~torchbayes.priors.Prior` object for every weight instead of
+            the Gaussian, e.g. ``ScaleMixturePrior(0.5, 1.0, 0.0025)``.
         include: which layers may be converted: a qualified name (``"fc"``; it also
             selects everything inside it, ``"layer4"``), a glob pattern
             (``"layer*.0.conv1"``), a list of these, or a predicate
@@ -455,17 +615,31 @@ def dnn_to_bnn(model: ModelT, bnn_prior_parameters: Mapping[str, Any] | None = N
         :func:`conversion_history`) records the settings and converted names.
 
     Raises:
-        KeyError, ValueError: bad dictionary (the message names the key), a name in
+        TypeError: an unknown keyword (the message names it and the valid ones), a
+            setting given twice, or a model that is not an ``nn.Module``.
+        KeyError: an unknown dictionary key (named, with the valid keys).
+        ValueError: an invalid value (the message names its key or keyword), a name in
             ``include``/``exclude`` that matches no module, or nothing to convert.
             The model is unchanged whenever an error is raised.
 
     Example:
-        >>> model = dnn_to_bnn(torchvision.models.resnet18(), {"prior_mu": 0.0, ...})
-        >>> dnn_to_bnn(other, include=["fc"])  # last-layer Bayesian
+        >>> model = dnn_to_bnn(torchvision.models.resnet18(), estimator="flipout", prior_sigma=0.1)
+        >>> dnn_to_bnn(other, {"type": "Flipout"}, include=["fc"])  # last-layer Bayesian
     """
+    if unknown:
+        raise TypeError(_unknown("dnn_to_bnn: unknown keyword(s)", unknown,
+                                 [*_SETTING_NAMES, "include", "exclude"]))
     if not isinstance(model, nn.Module):
         raise TypeError(f"dnn_to_bnn: model must be an nn.Module, got {type(model).__name__}")
-    params = normalize_prior_parameters(bnn_prior_parameters)
+    given = {"estimator": estimator, "prior_mu": prior_mu, "prior_sigma": prior_sigma,
+             "posterior_mu_init": posterior_mu_init, "posterior_rho_init": posterior_rho_init,
+             "moped": moped, "moped_delta": moped_delta, "prior": prior}
+    settings = _resolve(bnn_prior_parameters, {k: v for k, v in given.items() if v is not None})
+    return _convert(model, settings, include, exclude)
+
+
+def _convert(model: ModelT, settings: ConversionSettings, include: Selector, exclude: Selector) -> ModelT:
+    """:func:`dnn_to_bnn` with its settings resolved."""
     names = [name for name, _ in model.named_modules()]
     candidates, skipped = _plan(model, _compile_selector(include, "include", names),
                                 _compile_selector(exclude, "exclude", names))
@@ -474,31 +648,37 @@ def dnn_to_bnn(model: ModelT, bnn_prior_parameters: Mapping[str, Any] | None = N
             "dnn_to_bnn: nothing to convert: no selected nn.Linear / nn.Conv* / nn.ConvTranspose* "
             f"(or registered) layer in {type(model).__name__}"
             + (f"; left deterministic: {skipped}" if skipped else ""))
-    bayes_kwargs = {"prior_mu": params["prior_mu"], "prior_sigma": params["prior_sigma"],
-                    "posterior_mu_init": params["posterior_mu_init"],
-                    "posterior_rho_init": params["posterior_rho_init"], "estimator": params["type"]}
+    bayes_kwargs: dict[str, Any] = {
+        "prior_mu": settings.prior_mu, "prior_sigma": settings.prior_sigma,
+        "posterior_mu_init": settings.posterior_mu_init, "posterior_rho_init": settings.posterior_rho_init,
+        "estimator": settings.estimator}
+    if settings.prior is not None:
+        bayes_kwargs["prior"] = settings.prior
     replacements: dict[int, nn.Module] = {}
     for name, module in candidates:  # builds only; the model is untouched until _swap
+        twin = _bayesian_twin(module)
+        assert twin is not None  # _plan keeps only layers with a twin
         try:
-            layer = _bayesian_twin(module).from_torch(module, **bayes_kwargs)  # type: ignore[union-attr]
+            layer = twin.from_torch(module, **bayes_kwargs)
         except (TypeError, ValueError) as error:
             raise type(error)(f"dnn_to_bnn: cannot convert {name!r} ({type(module).__name__}): "
                               f"{error}") from error
-        if params["moped_enable"]:
-            sigma = {p: params["prior_sigma"] for p in layer.variational_names}
-            _moped_layer(layer, dict(module.named_parameters(recurse=False)), params["moped_delta"], sigma)
+        if settings.moped:
+            sigma: dict[str, Tensor | float] = {p: settings.prior_sigma for p in layer.variational_names}
+            _moped_layer(layer, dict(module.named_parameters(recurse=False)), settings.moped_delta, sigma)
         replacements[id(module)] = layer
-    report = ConversionReport(params, tuple(name for name, _ in candidates), skipped)
+    report = ConversionReport(settings.reference_dict(), tuple(name for name, _ in candidates), skipped,
+                              _prior_record(settings.prior))
     if candidates[0][0] == "":
         model = replacements[id(model)]  # type: ignore[assignment]
     else:
         _swap(model, replacements)
-    history = list(conversion_history(model)) + [report]
+    history = [*conversion_history(model), report]
     object.__setattr__(model, HISTORY_ATTRIBUTE, history)
     if skipped:
         warnings.warn("dnn_to_bnn left these selected layers deterministic: "
                       + "; ".join(f"{n!r} ({why})" for n, why in skipped.items())
-                      + ". Pass exclude=[...] to silence this.", UserWarning, stacklevel=2)
+                      + ". Pass exclude=[...] to silence this.", UserWarning, stacklevel=3)
     return model
 
 
