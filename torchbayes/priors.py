@@ -15,16 +15,56 @@ from torch import Tensor, nn
 
 from torchbayes.nn import functional as BF
 
-__all__ = ["Prior", "GaussianPrior", "ScaleMixturePrior"]
+__all__ = ["Prior", "GaussianPrior", "ScaleMixturePrior", "check_prior_sigma", "smallest_prior_sigma"]
+
+
+def smallest_prior_sigma(dtype: torch.dtype = torch.float32) -> float:
+    """The smallest prior standard deviation accepted for tensors of ``dtype``.
+
+    The Gaussian KL has the term ``(sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2)`` per
+    weight. Keeping ``1 / sigma_p^2`` below the square root of the largest float leaves
+    the other square root as headroom for the numerator and the sum over weights, so the
+    KL and its gradients stay finite: ``sigma_p >= max ** -0.25`` (about ``2.3e-10`` in
+    float32, ``8.6e-78`` in float64; half precisions use the float32 bound, as the KL
+    is not meant to be summed in them).
+
+    Args:
+        dtype: a floating dtype.
+
+    Returns:
+        The bound, a float.
+    """
+    return float(torch.finfo(torch.promote_types(dtype, torch.float32)).max) ** -0.25
+
+
+def check_prior_sigma(sigma: Tensor, name: str = "prior_sigma") -> None:
+    """Raise ``ValueError`` unless every value of ``sigma`` is finite and at least
+    :func:`smallest_prior_sigma` of its dtype (tensors on the meta device are not checked).
+
+    Args:
+        sigma: prior standard deviations.
+        name: what to call them in the message.
+    """
+    if sigma.is_meta:
+        return
+    if not bool(torch.isfinite(sigma).all()):
+        raise ValueError(f"{name} must be finite, got non-finite values")
+    low = smallest_prior_sigma(sigma.dtype)
+    smallest = float(sigma.min()) if sigma.numel() else low
+    if not smallest >= low:
+        raise ValueError(f"{name} must be >= {low:.3g} in {str(sigma.dtype).removeprefix('torch.')} "
+                         f"(the KL term 1/(2 sigma^2) would overflow), got {smallest:g}")
 
 
 def _as_tensor(value: float | Tensor, name: str) -> Tensor:
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a Tensor, got {type(value).__name__}")
-    t = value.detach().clone() if isinstance(value, Tensor) else torch.tensor(float(value))
+    # A float is made on the CPU even under a `with torch.device("meta")` block: it is
+    # checked here and moved to the layer's device by register_variational.
+    t = value.detach().clone() if isinstance(value, Tensor) else torch.tensor(float(value), device="cpu")
     if not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
-    if not bool(torch.isfinite(t).all()):
+    if not t.is_meta and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got non-finite values")
     return t
 
@@ -69,8 +109,9 @@ class GaussianPrior(Prior):
         super().__init__()
         mu_t = _as_tensor(mu, "prior_mu")
         sigma_t = _as_tensor(sigma, "prior_sigma")
-        if not bool((sigma_t > 0).all()):
+        if not sigma_t.is_meta and not bool((sigma_t > 0).all()):
             raise ValueError(f"prior_sigma must be > 0, got min {float(sigma_t.min()):g}")
+        check_prior_sigma(sigma_t)
         self.register_buffer("mu", mu_t)
         self.register_buffer("sigma", sigma_t.to(mu_t.dtype))
         # Per-weight priors may replace scalar ones (MOPED): let a checkpoint set the shape.
@@ -109,6 +150,8 @@ class GaussianPrior(Prior):
 
     def extra_repr(self) -> str:
         def show(t: Tensor) -> str:
+            if t.is_meta:  # no values to show on the meta device
+                return f"Tensor{tuple(t.shape)}(meta)"
             return f"{t.item():g}" if t.numel() == 1 else f"Tensor{tuple(t.shape)}"
 
         return f"mu={show(self.mu)}, sigma={show(self.sigma)}"
@@ -140,6 +183,7 @@ class ScaleMixturePrior(Prior):
         for name, value in (("sigma1", sigma1), ("sigma2", sigma2)):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {value}")
+            check_prior_sigma(torch.tensor(float(value), device="cpu"), name)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.pi, self.sigma1, self.sigma2 = float(pi), float(sigma1), float(sigma2)

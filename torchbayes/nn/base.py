@@ -96,9 +96,24 @@ class BayesianModule(nn.Module):
         self.estimator = canonical_estimator(estimator)
         self.deterministic = False
         self._variational_names: list[str] = []
+        self._custom_priors: set[str] = set()  # names given a prior by set_prior (kept by resets)
         # The KL computed together with the last forward's draws, keyed by the names drawn
         # (see _draw_all): (kl, kl_parts, the mu/rho tensors drawn, their versions, token).
         self._kl_cache: dict[tuple[str, ...], tuple[Tensor, Tensor, list[Tensor], list[int], BF.KLToken]] = {}
+
+    @property
+    def estimator(self) -> str:
+        """The Monte Carlo estimator: ``"reparameterization"``, ``"flipout"`` or ``"local"``.
+
+        Every assignment (constructor, ``layer.estimator = ...``, checkpoint loading) goes
+        through :func:`canonical_estimator`: ``"Flipout"`` is stored as ``"flipout"`` and an
+        unknown name raises ``ValueError`` (the forward compares the stored name exactly).
+        """
+        return self._estimator_name
+
+    @estimator.setter
+    def estimator(self, value: str) -> None:
+        self._estimator_name = canonical_estimator(value)
 
     # ----------------------------------------------------------------- parameters
     def register_variational(self, name: str, shape: tuple[int, ...], *,
@@ -137,6 +152,7 @@ class BayesianModule(nn.Module):
         mu = getattr(self, f"{name}_mu")
         prior.check_shape(mu.shape, name)
         setattr(self, f"{name}_prior", prior.to(device=mu.device, dtype=mu.dtype))
+        self._custom_priors.add(name)
 
     def _check_name(self, name: str) -> None:
         if name not in self._variational_names:
@@ -144,14 +160,35 @@ class BayesianModule(nn.Module):
                            f"{type(self).__name__}; expected one of {self.variational_names}")
 
     def reset_variational_parameters(self) -> None:
-        """Fill every ``rho`` with ``posterior_rho_init`` and shift every ``mu`` by ``posterior_mu_init``.
+        """Fill every ``rho`` with ``posterior_rho_init``, shift every ``mu`` by ``posterior_mu_init``
+        and give each prior not set by :meth:`set_prior` its constructor values again.
 
         Subclasses initialise the means like their ``torch.nn`` twin first, then call this.
+        Resetting the priors makes ``to_empty()`` followed by ``reset_parameters()`` a valid layer.
         """
+        custom = getattr(self, "_custom_priors", set())
         with torch.no_grad():
-            for _, mu, rho, _ in self.variational_parameters():
+            for name, mu, rho, prior in self.variational_parameters():
                 mu.add_(self.posterior_mu_init)
                 rho.fill_(self.posterior_rho_init)
+                if name not in custom:
+                    for buffer_name, value in self._prior_template.named_buffers():
+                        buffer = getattr(prior, buffer_name)
+                        if buffer.shape == value.shape:
+                            buffer.copy_(value)
+                        else:
+                            setattr(prior, buffer_name, value.to(device=buffer.device, dtype=buffer.dtype))
+
+    def _invalid_prior(self) -> str | None:
+        """A message if some Gaussian prior's sigma is not a positive finite number, else None."""
+        for name, _, _, prior in self.variational_parameters():
+            sigma = getattr(prior, "sigma", None)
+            if isinstance(sigma, Tensor) and not sigma.is_meta and not bool(
+                    (torch.isfinite(sigma) & (sigma > 0)).all()):
+                return (f"{type(self).__name__}: {name}_prior.sigma is not a positive finite number "
+                        "(uninitialised memory after to_empty()? call reset_parameters() or "
+                        "load_state_dict() first)")
+        return None
 
     # ------------------------------------------------------------------------ KL
     def _draw_all(self, kind: str, with_means: bool = False) -> BF.PosteriorDraws:
@@ -174,7 +211,10 @@ class BayesianModule(nn.Module):
         if not fuse:
             return BF.posterior_draws(params, kind, with_means=with_means)
         token = BF.KLToken()
-        result = BF.posterior_draws(params, kind, [(p.mu, p.sigma) for p in priors], token, with_means)
+        try:
+            result = BF.posterior_draws(params, kind, [(p.mu, p.sigma) for p in priors], token, with_means)
+        except (ZeroDivisionError, ValueError) as exc:
+            raise ValueError(self._invalid_prior() or str(exc)) from exc
         tensors = [t for pair in params for t in pair]
         self._kl_cache[names] = (result.kl, result.kl_parts, tensors, [t._version for t in tensors], token)
         return result
@@ -217,7 +257,10 @@ class BayesianModule(nn.Module):
                 return kl
             sizes = [mu.numel() for mu, _ in self._mu_rho_pairs()]
             return torch.dot(kl_parts, kl_parts.new_tensor(sizes).reciprocal_())
-        terms = [prior.kl_divergence(mu, rho, reduction) for _, mu, rho, prior in self.variational_parameters()]
+        try:
+            terms = [prior.kl_divergence(mu, rho, reduction) for _, mu, rho, prior in self.variational_parameters()]
+        except (ZeroDivisionError, ValueError) as exc:
+            raise ValueError(self._invalid_prior() or str(exc)) from exc
         return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
 
     def __getstate__(self) -> dict:
