@@ -21,7 +21,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -61,8 +61,19 @@ Selector = str | Iterable[str] | Predicate | None
 #: Attribute of a converted model holding its list of :class:`ConversionReport`.
 HISTORY_ATTRIBUTE = "torchbayes_conversions"
 
+
+
+class _BayesianTwin(Protocol):
+    """What :func:`register_conversion` checks a Bayesian class provides."""
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, **bayes_kwargs: Any) -> BayesianModule: ...
+
+    def to_torch(self) -> nn.Module: ...
+
+
 # torch layer type -> Bayesian class with ``from_torch(module, **kw)`` and ``to_torch()``.
-_CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {}
+_CONVERSIONS: dict[type[nn.Module], type[_BayesianTwin]] = {}
 # Modules whose forward reads their children's weights directly (e.g.
 # F.multi_head_attention_forward uses out_proj.weight; TransformerEncoderLayer's fast
 # path reads linear1.weight): a Bayesian child would be bypassed or crash them.
@@ -93,7 +104,7 @@ def register_conversion(torch_type: type[nn.Module], bayes_type: type[nn.Module]
     for method in ("from_torch", "to_torch"):
         if not callable(getattr(bayes_type, method, None)):
             raise TypeError(f"bayes_type {bayes_type.__name__} must define {method}()")
-    _CONVERSIONS[torch_type] = bayes_type
+    _CONVERSIONS[torch_type] = cast("type[_BayesianTwin]", bayes_type)  # both methods checked above
 
 
 def register_opaque_module(module_type: type[nn.Module]) -> None:
@@ -117,7 +128,7 @@ for _torch_type, _bayes_type in (
     register_conversion(_torch_type, _bayes_type)
 
 
-def _bayesian_twin(module: nn.Module) -> type[nn.Module] | None:
+def _bayesian_twin(module: nn.Module) -> type[_BayesianTwin] | None:
     # The most specific registered base class, so an nn.Linear subclass converts too.
     for klass in type(module).__mro__:
         if klass in _CONVERSIONS:
@@ -308,8 +319,8 @@ def _compile_selector(selector: Selector, argument: str, names: list[str]) -> Pr
     if selector is None:
         return None
     if callable(selector) and not isinstance(selector, str):
-        return selector  # type: ignore[return-value]
-    patterns = [selector] if isinstance(selector, str) else list(selector)  # type: ignore[arg-type]
+        return selector
+    patterns = [selector] if isinstance(selector, str) else list(selector)
     if not all(isinstance(p, str) and p for p in patterns):
         raise TypeError(f"{argument} must be a module name, a list of names/glob patterns, or a "
                         f"predicate (name, module) -> bool, got {selector!r}")
@@ -664,7 +675,7 @@ def _convert(model: ModelT, settings: ConversionSettings, include: Selector, exc
             raise type(error)(f"dnn_to_bnn: cannot convert {name!r} ({type(module).__name__}): "
                               f"{error}") from error
         if settings.moped:
-            sigma: dict[str, Tensor | float] = {p: settings.prior_sigma for p in layer.variational_names}
+            sigma: dict[str, Tensor | float] = dict.fromkeys(layer.variational_names, settings.prior_sigma)
             _moped_layer(layer, dict(module.named_parameters(recurse=False)), settings.moped_delta, sigma)
         replacements[id(module)] = layer
     report = ConversionReport(settings.reference_dict(), tuple(name for name, _ in candidates), skipped,
@@ -717,8 +728,8 @@ def bnn_to_dnn(model: nn.Module) -> nn.Module:
     if lacking:
         raise TypeError(f"bnn_to_dnn: Bayesian layers {lacking} have no to_torch() method")
     if layers[0][0] == "":
-        return layers[0][1].to_torch()  # type: ignore[operator]
+        return cast(_BayesianTwin, layers[0][1]).to_torch()  # every layer has to_torch (checked above)
     plain = copy.deepcopy(model)
     plain.__dict__.pop(HISTORY_ATTRIBUTE, None)
-    _swap(plain, {id(m): m.to_torch() for _, m in _outermost_bayesian(plain)})  # type: ignore[operator]
+    _swap(plain, {id(m): cast(_BayesianTwin, m).to_torch() for _, m in _outermost_bayesian(plain)})
     return plain
