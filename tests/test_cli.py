@@ -22,7 +22,7 @@ pytest.importorskip("torchmetrics")
 pytest.importorskip("sklearn")
 
 from torchbayes import posterior_mean  # noqa: E402
-from torchbayes.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main  # noqa: E402
+from torchbayes.cli import EXIT_OK, EXIT_USAGE, main  # noqa: E402
 from torchbayes.cli.models import build_model  # noqa: E402
 from torchbayes.cli.progress import progress_bar  # noqa: E402
 from torchbayes.cli.training import load_checkpoint  # noqa: E402
@@ -186,14 +186,14 @@ def test_moped_from_another_architecture_is_bad_input(trained, capsys):
     assert not (trained[0] / "x.pt").exists()
 
 
-def test_failure_while_writing_is_exit_code_1(trained, capsys):
+def test_output_under_a_file_is_bad_input_before_any_work(trained, capsys):
     folder, _, bnn = trained
     blocker = folder / "a-file"
     blocker.write_text("not a folder")
     code = main(["evaluate", str(bnn), "--out", str(blocker / "report"), "--num-samples", "2", "--quiet"])
-    assert code == EXIT_FAILURE
+    assert code == EXIT_USAGE
     err = capsys.readouterr().err
-    assert err.startswith("torchbayes evaluate: failed:") and err.count("\n") == 1
+    assert err.startswith("torchbayes evaluate: error: --out:") and "is a file" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from torchbayes.conversion import ConversionReport, conversion_history
 from torchbayes.nn.base import BayesianModule, canonical_estimator, iter_bayesian_modules
+from torchbayes.priors import GaussianPrior, check_prior_sigma
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint",
            "read_checkpoint", "rebuild"]
@@ -53,7 +55,7 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------ writing
 def _check_plain(value: Any, where: str) -> None:
     """Raise unless ``value`` is made of tensors and plain values only (what weights_only loads)."""
-    if isinstance(value, _PLAIN_SCALARS) or isinstance(value, Tensor):
+    if isinstance(value, (*_PLAIN_SCALARS, Tensor)):
         return
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
@@ -112,6 +114,26 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+class _RecordingWriter:
+    """The file object given to ``torch.save``: writes through and keeps the first
+    exception a write raised (OSError, KeyboardInterrupt...)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: BaseException | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except BaseException as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
                     extra: Mapping[str, Any] | None = None) -> None:
     """Write ``model``'s weights and Bayesian settings to ``path`` (atomically).
@@ -161,7 +183,15 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            writer = _RecordingWriter(f)
+            try:
+                torch.save(payload, writer)
+            except RuntimeError:
+                # torch's C++ writer replaces an error of our write() (a full disk, Ctrl-C)
+                # by "unexpected pos"; raise the real one.
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -194,12 +224,15 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
+        raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated or corrupted file, "
+                              "or not one written by torch.save)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{path!r} holds objects other than tensors and plain values; refusing to unpickle "
-            f"them (torchbayes loads checkpoints with weights_only=True). Details: {exc}"
+            f"{path!r} holds objects other than tensors and plain values ({_unpickler_reason(exc)}); "
+            "refusing to unpickle them, as torchbayes only loads checkpoints with weights_only=True"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, io.UnsupportedOperation) as exc:
         raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated or corrupted "
@@ -227,6 +260,33 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return payload
 
 
+def _check_prior_settings(prior: nn.Module, saved: Mapping[str, Any], where: str) -> None:
+    """Raise CheckpointError unless ``saved`` prior hyperparameters are ones ``prior`` has, of the
+    same types, with values its constructor accepts (they are set with ``setattr`` on load)."""
+    current = _prior_settings(prior)["hyperparameters"]
+    for key, value in saved.items():
+        if key not in current:
+            raise CheckpointError(f"{where}: unknown setting {str(key)[:50]!r} (known: {sorted(current)})")
+        expected = type(current[key])
+        if not (type(value) is expected or (expected is float and type(value) is int)):
+            raise CheckpointError(f"{where}: setting {key!r} must be a {expected.__name__}, "
+                                  f"got {type(value).__name__}")
+    try:
+        type(prior)(**{**current, **saved})
+    except TypeError:  # a prior class whose constructor does not take its attributes: types checked only
+        pass
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The one-line reason in torch's long weights_only error (without its advice to load unsafely)."""
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global| Please use|\n|$)",
+                      str(exc), re.S)
+    reason = match.group(1) if match else "unsupported content"
+    return " ".join(reason.split())[:200]
+
+
 def _validate_against(model: nn.Module, payload: dict[str, Any], path: str) -> None:
     """Raise CheckpointError unless the checkpoint fits ``model`` exactly; changes nothing."""
     # Layer and prior classes first: the most telling message when architectures differ.
@@ -246,6 +306,8 @@ def _validate_against(model: nn.Module, payload: dict[str, Any], path: str) -> N
             if have != prior["class"]:
                 raise CheckpointError(f"{path!r} does not fit the model: {name}.{pname}_prior is a "
                                       f"{prior['class']} in the checkpoint but {have} in the model")
+            _check_prior_settings(getattr(module, f"{pname}_prior"), prior["hyperparameters"],
+                                  f"{path!r}: {name}.{pname}_prior")
     state = payload["state_dict"]
     current = model.state_dict()
     missing = sorted(set(current) - set(state))
@@ -256,7 +318,18 @@ def _validate_against(model: nn.Module, payload: dict[str, Any], path: str) -> N
     priors = {id(p) for _, m in iter_bayesian_modules(model) for *_, p in m.variational_parameters()}
     adopts_shape = {f"{prefix}.{buf}" for prefix, mod in model.named_modules() if id(mod) in priors
                     for buf, _ in mod.named_buffers(recurse=False)}
+    gaussian_priors = {f"{prefix}." for prefix, mod in model.named_modules()
+                       if id(mod) in priors and isinstance(mod, GaussianPrior)}
     for key, tensor in state.items():
+        prefix, _, buffer = key.rpartition(".")
+        if prefix + "." in gaussian_priors and buffer in ("mu", "sigma"):
+            try:  # read from the file, so checked as the constructor checks its arguments
+                if buffer == "sigma":
+                    check_prior_sigma(tensor, f"{key} (a prior sigma)")
+                elif not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"{key} (a prior mean) must be finite, got non-finite values")
+            except ValueError as exc:
+                raise CheckpointError(f"{path!r}: {exc}") from None
         # Prior buffers may legitimately change shape (scalar -> per-weight MOPED prior).
         if tensor.shape != current[key].shape and key not in adopts_shape:
             raise CheckpointError(f"{path!r} does not fit the model: {key!r} has shape "

@@ -53,10 +53,12 @@ class DatasetSplits:
 
     @property
     def num_classes(self) -> int:
+        """How many classes the labels take."""
         return len(self.classes)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input example (without the batch dimension)."""
         return tuple(self.train_x.shape[1:])
 
 
@@ -103,6 +105,9 @@ def load_dataset(name: str = "digits", *, ood_classes: Sequence[int] = (),
 
 
 def _check_ood_classes(name: str, all_classes: Sequence[int], ood_classes: Sequence[int]) -> list[int]:
+    if len(all_classes) < 2:
+        raise ValueError(f"{name!r} has {len(all_classes)} class{'es' if len(all_classes) != 1 else ''}; "
+                         "a classifier needs at least two")
     unknown = [c for c in ood_classes if c not in all_classes]
     if unknown:
         raise ValueError(f"ood_classes {unknown} are not classes of {name!r} ({list(all_classes)})")
@@ -125,11 +130,17 @@ def _split_arrays(name: str, images: np.ndarray, labels: np.ndarray, *, ood_clas
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     all_classes = sorted(set(labels.tolist()))
     kept = _check_ood_classes(name, all_classes, ood_classes)
+    counts = {c: int((labels == c).sum()) for c in kept}
+    scarce = [c for c in kept if counts[c] < 2]
+    if scarce:
+        which = class_names[scarce[0]] if class_names else scarce[0]
+        raise ValueError(f"class {which!r} of {name!r} has {counts[scarce[0]]} example; each class needs at "
+                         "least 2 (one to train on, one to test)")
     rng = np.random.default_rng(seed)
     train_idx, test_idx = [], []
     for c in kept:  # stratified split, so every class is in both parts
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = max(1, round(len(idx) * test_fraction))
+        n_test = min(len(idx) - 1, max(1, round(len(idx) * test_fraction)))  # >= 1 left to train on
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
     train_idx = rng.permutation(np.concatenate(train_idx))

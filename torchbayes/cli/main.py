@@ -3,10 +3,13 @@
 Exit codes (stable, for scripts):
 
 * ``0``: success.
-* ``1``: the run failed (an error while training, predicting or writing files).
+* ``1``: the run failed: training diverged (a NaN or infinite loss or parameter; no
+  checkpoint is written), or an error while predicting or writing files (a full disk).
 * ``2``: bad usage or input: unknown option, data set or model name, a missing file or
-  folder, a checkpoint that does not fit, a non-positive number of epochs or samples...
-* ``130``: interrupted (Ctrl-C).
+  folder, an output path that cannot be written, a checkpoint that is corrupted,
+  crafted, non-finite or does not fit, a non-positive number of epochs or samples...
+* ``130``: interrupted (Ctrl-C, SIGINT); temporary files are removed.
+* ``143``: terminated (SIGTERM); temporary files are removed.
 
 Errors are one line on stderr, ``torchbayes <command>: error: ...``, without a
 traceback; set ``TORCHBAYES_DEBUG=1`` to get the traceback too.
@@ -18,6 +21,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,20 +33,58 @@ import torch
 from torch import nn
 
 from torchbayes.checkpoint import CheckpointError
-from torchbayes.cli.training import TrainConfig, build_classifier, load_checkpoint, save_checkpoint, train_classifier
-from torchbayes.datasets import DatasetSplits, load_image_dataset
+from torchbayes.cli.report import check_report_folder, check_writable_parent
+from torchbayes.cli.training import (
+    MAX_SEED,
+    TrainConfig,
+    TrainingDiverged,
+    build_classifier,
+    load_checkpoint,
+    save_checkpoint,
+    train_classifier,
+    training_warnings,
+)
+from torchbayes.datasets import BUILTIN_DATASETS, TORCHVISION_DATASETS, DatasetSplits, load_image_dataset
 from torchbayes.nn import ESTIMATORS
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class BadInput(Exception):
     """The user's input cannot be used (exit code 2)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised like KeyboardInterrupt, so that every ``finally`` and
+    ``except BaseException`` (temporary files) runs before the process exits with 143."""
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[list[int]]:
+    """While the command runs, SIGINT raises KeyboardInterrupt and SIGTERM raises
+    :class:`Terminated`; the list yielded records the signals received (an exception raised
+    inside C++ code, e.g. torch.save's writer, may come out as a RuntimeError)."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread (main() called from a worker thread): leave signals alone
+        previous = {}
+    try:
+        yield received
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextlib.contextmanager
@@ -75,6 +117,7 @@ def _number_type(convert: Callable[[str], Any], valid: Callable[[Any], bool],
 _positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _number_type(float, lambda v: 0 < v < math.inf, "a positive finite number")
 _finite_float = _number_type(float, math.isfinite, "a finite number")
+_seed = _number_type(int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
 
 
 def _class_list(text: str) -> tuple[int, ...]:
@@ -102,7 +145,8 @@ def _device(text: str) -> torch.device:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=_device, default=torch.device("cpu"),
                         help="where to compute: cpu (default), cuda, cuda:N, mps")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, weights and noise (default 0)")
+    parser.add_argument("--seed", type=_seed, default=0,
+                        help=f"seed of the split, weights and noise, 0 to {MAX_SEED} (default 0)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print only errors and the final result (no progress bars, no per-epoch lines)")
 
@@ -126,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="torchbayes",
         description="Train, evaluate and compare Bayesian neural networks on real data.",
-        epilog="exit codes: 0 success, 1 failure while running, 2 bad usage or input, 130 interrupted",
+        epilog="exit codes: 0 success, 1 failure while running (e.g. training diverged), 2 bad usage or "
+               "input, 130 interrupted, 143 terminated",
     )
     parser.add_argument("--version", action="version", version=f"torchbayes {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -187,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(evaluate, required_default=None)
     evaluate.add_argument("--num-samples", type=_positive_int, default=None,
                           help="Monte Carlo samples (default: the checkpoint's)")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=128, help="inputs per prediction call (default 128)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=128,
+                          help="inputs per prediction call (default 128)")
     evaluate.add_argument("--out", default="torchbayes-report", help="report folder (default ./torchbayes-report)")
     _add_common(evaluate)
 
@@ -197,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", default=None, help="output file (default <checkpoint>-int8.pt)")
     quantize.add_argument("--calibration-samples", type=_positive_int, default=256,
                           help="training images used to calibrate activations (default 256)")
+    _add_data(quantize, required_default=None)
     _add_common(quantize)
     return parser
 
@@ -213,8 +260,45 @@ class _Console:
             print(line, flush=True)
 
 
+def _check_output_file(path: str | Path, flag: str) -> Path:
+    """Raise BadInput unless a file can be written at ``path`` (checked before any work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInput(f"{flag}: {str(path)!r} is a folder; give a file name")
+    with _input_checks(flag):
+        check_writable_parent(path)
+    return path
+
+
+def _check_output_folder(path: str | Path, flag: str) -> None:
+    """Raise BadInput unless a report can be written to the folder ``path``."""
+    with _input_checks(flag):
+        check_report_folder(path)
+
+
+def _data_source(args: argparse.Namespace, config: TrainConfig) -> tuple[str, str | None]:
+    """The data set and data root to read for a checkpoint: a path stored in the checkpoint
+    (which anyone may have written) is never read unless the user gives it on the command line."""
+    dataset = args.dataset or config.dataset
+    if args.dataset is None and dataset not in BUILTIN_DATASETS + TORCHVISION_DATASETS:
+        raise BadInput(f"checkpoint {args.checkpoint!r} was trained on the image folder {_shown(dataset)}; "
+                       "paths stored in a checkpoint are never read: give the folder with --dataset PATH")
+    if args.data_root is None and dataset in TORCHVISION_DATASETS:
+        raise BadInput(f"{dataset} is read from the folder given with --data-root (the path stored in the "
+                       f"checkpoint, {_shown(config.data_root)}, is never read)")
+    return dataset, args.data_root
+
+
+def _shown(text: str | None) -> str:
+    """A path from a file, printable on one line (repr escapes control characters)."""
+    shown = repr(text)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
+
+
 def _run_demo(args: argparse.Namespace, console: _Console) -> int:
     from torchbayes.cli.demo import run_demo
+
+    _check_output_folder(args.out, "--out")
 
     result = run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device,
                       show_progress=not args.quiet, echo=console)
@@ -225,6 +309,8 @@ def _run_demo(args: argparse.Namespace, console: _Console) -> int:
 
 def _run_medical(args: argparse.Namespace, console: _Console) -> int:
     from torchbayes.cli.medical import run_medical
+
+    _check_output_folder(args.out, "--out")
 
     result = run_medical(args.out, quick=args.quick, seed=args.seed, device=args.device,
                          show_progress=not args.quiet, echo=console)
@@ -252,6 +338,9 @@ def _run_train(args: argparse.Namespace, console: _Console) -> int:
             num_samples=args.num_samples, avuc=args.avuc, avuc_beta=args.avuc_beta, seed=args.seed)
     if args.moped is not None and not args.bayesian:
         raise BadInput("--moped initialises a Bayesian model; it cannot be combined with --deterministic")
+    out = _check_output_file(args.out or f"torchbayes-{config.model}.pt", "--out")
+    if args.report is not None:
+        _check_output_folder(args.report, "--report")
     data = _load_data(config.dataset, config.data_root, config.image_size, config.ood_classes, config.seed)
     if args.moped is not None:
         with _input_checks("--moped"):
@@ -269,12 +358,13 @@ def _run_train(args: argparse.Namespace, console: _Console) -> int:
     torch.manual_seed(config.seed)
     with _input_checks("--model"):
         model = build_classifier(config, data.input_shape, data.num_classes, moped_source=moped_source)
-    out = Path(args.out or f"torchbayes-{config.model}.pt")
     kind = "Bayesian" if config.bayesian else "deterministic"
     console(f"training a {kind} {config.model} on {data.name}: {len(data.train_x)} training, "
             f"{len(data.test_x)} test, {len(data.ood_x)} held-out images; {config.epochs} epochs")
     history = train_classifier(model, data, config, device=args.device, show_progress=not args.quiet,
                                on_epoch=lambda s: console(s.line(config.epochs)))
+    for line in training_warnings(history, data, config):
+        print(f"torchbayes train: warning: {line}", file=sys.stderr, flush=True)
     save_checkpoint(out, model.cpu(), config, data.input_shape, data.num_classes, history)
     console(f"checkpoint: {out}")
     if args.report is not None:
@@ -305,12 +395,13 @@ def _evaluate_and_report(model: nn.Module, config: TrainConfig, data: DatasetSpl
 
 
 def _run_evaluate(args: argparse.Namespace, console: _Console) -> int:
+    _check_output_folder(args.out, "--out")
     with _input_checks("checkpoint"):
         ckpt = load_checkpoint(args.checkpoint)
     config = ckpt.config
-    dataset = args.dataset or config.dataset
+    dataset, data_root = _data_source(args, config)
     same_data = args.dataset is None
-    data = _load_data(dataset, args.data_root or config.data_root, args.image_size or config.image_size,
+    data = _load_data(dataset, data_root, args.image_size or config.image_size,
                       config.ood_classes if args.ood_classes is None else args.ood_classes, config.seed)
     if data.input_shape != ckpt.input_shape or data.num_classes != ckpt.num_classes:
         raise BadInput(f"checkpoint {args.checkpoint!r} expects inputs {ckpt.input_shape} and "
@@ -328,15 +419,20 @@ def _run_evaluate(args: argparse.Namespace, console: _Console) -> int:
 def _run_quantize(args: argparse.Namespace, console: _Console) -> int:
     from torchbayes.quantization import quantize
 
+    source = Path(args.checkpoint)
+    out = _check_output_file(args.out or source.with_name(source.stem + "-int8" + source.suffix), "--out")
     with _input_checks("checkpoint"):
         ckpt = load_checkpoint(args.checkpoint)
     if not ckpt.config.bayesian or ckpt.int8:
         what = "an INT8 model already" if ckpt.int8 else "a deterministic model"
         raise BadInput(f"checkpoint {args.checkpoint!r} holds {what}; quantize expects a Bayesian float one")
     config = ckpt.config
-    data = _load_data(config.dataset, config.data_root, config.image_size, config.ood_classes, config.seed)
-    source = Path(args.checkpoint)
-    out = Path(args.out or source.with_name(source.stem + "-int8" + source.suffix))
+    dataset, data_root = _data_source(args, config)
+    data = _load_data(dataset, data_root, args.image_size or config.image_size,
+                      config.ood_classes if args.ood_classes is None else args.ood_classes, config.seed)
+    if data.input_shape != ckpt.input_shape:
+        raise BadInput(f"checkpoint {args.checkpoint!r} expects inputs {ckpt.input_shape}, but --dataset "
+                       f"{_shown(dataset)} has inputs {data.input_shape}")
     # Static activation ranges from training images (what the model saw), not test ones.
     quantized = quantize(ckpt.model.eval(), data.train_x[: args.calibration_samples])
     save_checkpoint(out, quantized, config, ckpt.input_shape, ckpt.num_classes, ckpt.history, int8=True)
@@ -349,7 +445,8 @@ def _run_quantize(args: argparse.Namespace, console: _Console) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace, _Console], int]] = {
-    "demo": _run_demo, "medical": _run_medical, "train": _run_train, "evaluate": _run_evaluate, "quantize": _run_quantize,
+    "demo": _run_demo, "medical": _run_medical, "train": _run_train, "evaluate": _run_evaluate,
+    "quantize": _run_quantize,
 }
 
 
@@ -373,21 +470,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     prog = f"torchbayes {args.command}"
     debug = os.environ.get("TORCHBAYES_DEBUG", "") not in ("", "0")
-    try:
-        return _COMMANDS[args.command](args, _Console(args.quiet))
-    except BadInput as e:
-        if debug:
-            traceback.print_exc()
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as e:  # a runtime failure: one line, the traceback only on request
-        if debug:
-            traceback.print_exc()
-        detail = " ".join(str(e).split())[:500]
-        print(f"{prog}: failed: {type(e).__name__}: {detail} (TORCHBAYES_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        return EXIT_FAILURE
+    with _signals_raise() as received:
+        try:
+            return _COMMANDS[args.command](args, _Console(args.quiet))
+        except BadInput as e:
+            if debug:
+                traceback.print_exc()
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Terminated:
+            print(f"{prog}: terminated", file=sys.stderr)
+            return EXIT_TERMINATED
+        except TrainingDiverged as e:
+            print(f"{prog}: failed: training diverged: {e}; no checkpoint was written", file=sys.stderr)
+            return EXIT_FAILURE
+        except Exception as e:  # a runtime failure: one line, the traceback only on request
+            if received:  # a signal raised inside C++ code comes out as another exception
+                terminated = received[0] == signal.SIGTERM
+                print(f"{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+                return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+            if debug:
+                traceback.print_exc()
+            if isinstance(e, OSError) and e.strerror:  # "No space left on device", "Permission denied"...
+                where = f": {e.filename!r}" if e.filename else ""
+                print(f"{prog}: failed: {e.strerror}{where}", file=sys.stderr)
+                return EXIT_FAILURE
+            detail = " ".join(str(e).split())[:500]
+            print(f"{prog}: failed: {type(e).__name__}: {detail} (TORCHBAYES_DEBUG=1 shows the traceback)",
+                  file=sys.stderr)
+            return EXIT_FAILURE
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -29,9 +31,57 @@ from torchbayes.datasets import DatasetSplits
 from torchbayes.elbo import elbo_loss, kl_divergence
 from torchbayes.nn import posterior_mean
 from torchbayes.nn.base import canonical_estimator
+from torchbayes.priors import smallest_prior_sigma
 
-__all__ = ["TrainConfig", "EpochSummary", "build_classifier", "train_classifier", "accuracy_of",
-           "save_checkpoint", "load_checkpoint", "Checkpoint"]
+__all__ = ["TrainConfig", "EpochSummary", "TrainingDiverged", "build_classifier", "train_classifier",
+           "training_warnings", "accuracy_of", "save_checkpoint", "load_checkpoint", "Checkpoint"]
+
+#: Bounds of the settings a checkpoint may carry (they are read from files a stranger may write).
+MAX_TEXT = 4096
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes 32 bits; torch and default_rng take more
+MAX_EPOCHS = 10**6
+MAX_CLASSES = 100_000
+MAX_SIDE = 65_536
+MAX_HISTORY = 10**6
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or a parameter became NaN or infinite while training."""
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    """``value`` if it has the type ``hint`` (bool, int, float, str, ``X | None``, ``tuple[int, ...]``)
+    of a :class:`TrainConfig` field, an int promoted to float; else ``ValueError``."""
+    if isinstance(hint, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        (hint,) = [o for o in options if o is not type(None)]
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{name} must be a list of integers, got {_show(value)}")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (bool, int, float, str) and type(value) is hint:
+        return value
+    # A field type this check does not know: plain values only.
+    if hint not in (bool, int, float, str) and isinstance(value, (bool, int, float, str, type(None))):
+        return value
+    raise ValueError(f"{name} must be {getattr(hint, '__name__', hint)}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    """A short, printable rendering of a value that may come from a crafted file."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_range(name: str, value: Any, low: int, high: int) -> None:
+    if value is not None and not (low <= value <= high):
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {_show(value)}")
+
 
 @dataclass
 class TrainConfig:
@@ -73,15 +123,36 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.ood_classes = tuple(int(c) for c in self.ood_classes)
+        # Types and ranges of every field: the values may come from a checkpoint file.
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            setattr(self, f.name, _check_type(f.name, getattr(self, f.name), hints[f.name]))
         for name in ("epochs", "batch_size", "num_samples"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("lr", "prior_sigma", "moped_delta"):
+        _check_range("epochs", self.epochs, 1, MAX_EPOCHS)
+        for name in ("lr", "prior_sigma", "moped_delta", "avuc_beta"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("prior_mu", "posterior_rho_init"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if self.bayesian and self.prior_sigma < smallest_prior_sigma():
+            raise ValueError(f"prior_sigma must be >= {smallest_prior_sigma():.3g} (the KL term "
+                             f"1/(2 sigma^2) would overflow in float32), got {self.prior_sigma:g}")
+        _check_range("seed", self.seed, 0, MAX_SEED)
+        _check_range("image_size", self.image_size, 1, MAX_SIDE)
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        if len(self.ood_classes) > MAX_CLASSES or any(not 0 <= c < MAX_CLASSES for c in self.ood_classes):
+            raise ValueError(f"ood_classes must be class ids in [0, {MAX_CLASSES}), got {_show(self.ood_classes)}")
+        for name in ("dataset", "model", "data_root"):
+            text = getattr(self, name)
+            if text is not None and not (0 < len(text) <= MAX_TEXT and "\0" not in text):
+                raise ValueError(f"{name} must be a non-empty text of at most {MAX_TEXT} characters, "
+                                 f"got {_show(text)}")
         self.estimator = canonical_estimator(self.estimator)
         if self.avuc and not self.bayesian:
             raise ValueError("avuc needs a Bayesian model (its uncertainty comes from weight samples)")
@@ -93,14 +164,21 @@ class TrainConfig:
                 "moped_enable": self.moped, "moped_delta": self.moped_delta}
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as plain Python types (for JSON and checkpoints)."""
         data = asdict(self)
         data["ood_classes"] = list(self.ood_classes)
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """The settings of :meth:`to_dict`; unknown keys and bad values raise ``ValueError``."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"config must be a dict, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        unknown = sorted(str(k)[:40] for k in data if k not in known)
+        if unknown:
+            raise ValueError(f"config has unknown settings {unknown[:5]}")
+        return cls(**data)
 
 
 @dataclass
@@ -207,8 +285,8 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
         totals = {"loss": 0.0, "nll": 0.0, "avuc": 0.0, "correct": 0.0}
         seen_uncertainty, seen_correct = [], []
         batches = range(0, num_train, config.batch_size)
-        for first in progress_bar(batches, desc=f"epoch {epoch}/{config.epochs}", enabled=show_progress,
-                                  unit="batch"):
+        for step, first in enumerate(progress_bar(batches, desc=f"epoch {epoch}/{config.epochs}",
+                                                  enabled=show_progress, unit="batch"), 1):
             idx = order[first:first + config.batch_size]
             x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
             logits = model(x)
@@ -223,11 +301,18 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            totals["loss"] += float(loss.detach()) * len(idx)
+            step_loss = float(loss.detach())
+            if not math.isfinite(step_loss):
+                raise TrainingDiverged(f"the loss became {step_loss} at epoch {epoch}, batch {step} of "
+                                       f"{len(batches)}; {_likely_cause(config)}")
+            totals["loss"] += step_loss * len(idx)
             totals["nll"] += float(nll.detach()) * len(idx)
             totals["correct"] += float((logits.argmax(-1) == y).sum())
         if avuc is not None:
             threshold = uncertainty_threshold(torch.cat(seen_uncertainty), torch.cat(seen_correct))
+        bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:  # the last step's update; earlier ones show in the next loss
+            raise TrainingDiverged(f"parameter {bad!r} became non-finite at epoch {epoch}; {_likely_cause(config)}")
         kl = float(kl_divergence(model).detach()) / num_train if bayesian else 0.0
         summary = EpochSummary(
             epoch=epoch, loss=totals["loss"] / num_train, nll=totals["nll"] / num_train, kl_per_example=kl,
@@ -241,6 +326,52 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
             on_epoch(summary)
     model.eval()
     return history
+
+
+def _likely_cause(config: TrainConfig) -> str:
+    """The setting most likely to blame for a divergence, and the flag to change."""
+    if config.bayesian and config.posterior_rho_init > 5:
+        return (f"likely cause: --posterior-rho-init {config.posterior_rho_init:g} (initial posterior sigma "
+                f"{F.softplus(torch.tensor(config.posterior_rho_init)).item():.3g}) is too large; try -3")
+    if config.bayesian and config.prior_sigma < 1e-3:
+        return (f"likely cause: --prior-sigma {config.prior_sigma:g} is tiny, so the KL term dominates; "
+                "try 0.1 to 1")
+    if config.lr > 0.05:
+        return f"likely cause: --lr {config.lr:g} is too large; try 1e-3"
+    return f"try a smaller --lr than {config.lr:g}"
+
+
+def training_warnings(history: Sequence[EpochSummary], data: DatasetSplits, config: TrainConfig) -> list[str]:
+    """Warnings about a finished training: a loss that exploded, or a model at chance level.
+
+    Args:
+        history: the epochs of :func:`train_classifier`.
+        data: the splits it was trained on.
+        config: its settings (named in the advice).
+
+    Returns:
+        One line per problem (empty for a healthy run).
+    """
+    lines: list[str] = []
+    if not history:
+        return lines
+    losses = [h.loss for h in history]
+    best, last = min(losses), losses[-1]
+    if len(losses) > 1 and last > 10 * abs(best) and last - best > 1:
+        lines.append(f"the loss exploded from {best:.4g} to {last:.4g}: training is unstable "
+                     f"({_likely_cause(config)})")
+    # Chance: always answering the most frequent class. Above it, a model learnt something;
+    # 3 binomial standard errors of that rate on N training examples is the margin of noise.
+    counts = torch.bincount(data.train_y, minlength=data.num_classes).double()
+    n = float(counts.sum())
+    majority = float(counts.max()) / n
+    margin = 3 * math.sqrt(majority * (1 - majority) / n)
+    accuracy = history[-1].train_accuracy
+    if accuracy <= majority + margin:
+        lines.append(f"the final training accuracy {100 * accuracy:.1f}% is at chance level "
+                     f"({100 * majority:.1f}% for always answering the most frequent class): the model "
+                     f"did not learn ({_likely_cause(config)})")
+    return lines
 
 
 def _initial_avuc_threshold(model: nn.Module, data: DatasetSplits, config: TrainConfig,
@@ -306,14 +437,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             weights do not fit the architecture it names.
     """
     payload = checkpoint.read_checkpoint(path)
-    settings = (payload.get("extra") or {}).get(_EXTRA_KEY)
+    extra = payload.get("extra")
+    settings = extra.get(_EXTRA_KEY) if isinstance(extra, dict) else None
     if not isinstance(settings, dict):
         raise CheckpointError(f"{str(path)!r} is a torchbayes checkpoint but not one written by the "
                               "torchbayes command (no model settings in it)")
-    config = TrainConfig.from_dict(settings["config"])
-    input_shape = tuple(int(s) for s in settings["input_shape"])
-    num_classes = int(settings["num_classes"])
-    int8 = bool(settings.get("int8", False))
+    try:
+        config, input_shape, num_classes, history, int8 = _read_settings(settings)
+    except ValueError as e:  # the settings are not covered by the digest: a crafted file lands here
+        raise CheckpointError(f"{str(path)!r} has malformed settings: {e}") from None
+    for name, tensor in payload["state_dict"].items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{str(path)!r} holds non-finite values (NaN or infinity) in {name!r}: "
+                                  "the training that wrote it diverged; retrain it")
     if int8:
         # Same architecture, quantized; every INT8 tensor and range is then loaded.
         from torchbayes.quantization import quantize
@@ -327,4 +463,62 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         model = build_model(config.model, input_shape, num_classes)
         checkpoint.load_checkpoint(path, model)
     model.eval()
-    return Checkpoint(model, config, input_shape, num_classes, list(settings.get("history", [])), int8)
+    return Checkpoint(model, config, input_shape, num_classes, history, int8)
+
+
+_SETTINGS_KEYS = frozenset({"config", "input_shape", "num_classes", "history", "int8"})
+
+
+def _read_settings(settings: Mapping[str, Any]) -> tuple[TrainConfig, tuple[int, ...], int,
+                                                         list[dict[str, Any]], bool]:
+    """Validate the command's settings stored in a checkpoint (types, ranges, known keys)."""
+    unknown = sorted(str(k)[:40] for k in settings if k not in _SETTINGS_KEYS)
+    if unknown or not {"config", "input_shape", "num_classes"} <= settings.keys():
+        raise ValueError(f"expected the keys {sorted(_SETTINGS_KEYS)}, got {sorted(str(k)[:40] for k in settings)}")
+    config = TrainConfig.from_dict(settings["config"])
+    shape = settings["input_shape"]
+    if (not isinstance(shape, (list, tuple)) or len(shape) != 3
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_SIDE for s in shape)
+            or math.prod(shape) > 2**31):
+        raise ValueError(f"input_shape must be (channels, height, width), 3 integers in [1, {MAX_SIDE}], "
+                         f"got {_show(shape)}")
+    num_classes = settings["num_classes"]
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes must be an integer in [2, {MAX_CLASSES}], got {_show(num_classes)}")
+    int8 = settings.get("int8", False)
+    if not isinstance(int8, bool):
+        raise ValueError(f"int8 must be true or false, got {_show(int8)}")
+    return config, tuple(shape), num_classes, _read_history(settings.get("history", [])), int8
+
+
+_EPOCH_FIELDS = {f.name for f in fields(EpochSummary)}
+
+
+def _read_history(history: Any) -> list[dict[str, Any]]:
+    """The training epochs stored in a checkpoint, each an :class:`EpochSummary` as a dict."""
+    if not isinstance(history, (list, tuple)) or len(history) > MAX_HISTORY:
+        raise ValueError(f"history must be a list of at most {MAX_HISTORY} epochs, got {_show(history)}")
+    epochs = []
+    for i, entry in enumerate(history):
+        where = f"history[{i}]"
+        if not isinstance(entry, dict) or not set(entry) <= _EPOCH_FIELDS:
+            raise ValueError(f"{where} must be a dict with keys among {sorted(_EPOCH_FIELDS)}, got {_show(entry)}")
+        for key, value in entry.items():
+            if key == "extra":
+                if not isinstance(value, dict) or len(value) > 100 or not all(
+                        isinstance(k, str) and len(k) <= 100 and _is_number(v) for k, v in value.items()):
+                    raise ValueError(f"{where}['extra'] must map names to numbers, got {_show(value)}")
+            elif not _is_number(value):
+                raise ValueError(f"{where}[{key!r}] must be a finite number, got {_show(value)}")
+        epoch = entry.get("epoch", 1)
+        if not isinstance(epoch, int) or not 1 <= epoch <= MAX_EPOCHS:
+            raise ValueError(f"{where}['epoch'] must be an integer in [1, {MAX_EPOCHS}], got {_show(epoch)}")
+        for key in ("train_accuracy", "test_accuracy"):
+            if not 0 <= entry.get(key, 0) <= 1:
+                raise ValueError(f"{where}[{key!r}] must be in [0, 1], got {_show(entry[key])}")
+        epochs.append(dict(entry))
+    return epochs
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
