@@ -166,13 +166,14 @@ class BayesianModule(nn.Module):
         Subclasses initialise the means like their ``torch.nn`` twin first, then call this.
         Resetting the priors makes ``to_empty()`` followed by ``reset_parameters()`` a valid layer.
         """
-        custom = getattr(self, "_custom_priors", set())
+        custom: set[str] = getattr(self, "_custom_priors", set())
+        template: Prior = self.__dict__["_prior_template"]
         with torch.no_grad():
             for name, mu, rho, prior in self.variational_parameters():
                 mu.add_(self.posterior_mu_init)
                 rho.fill_(self.posterior_rho_init)
                 if name not in custom:
-                    for buffer_name, value in self._prior_template.named_buffers():
+                    for buffer_name, value in template.named_buffers():
                         buffer = getattr(prior, buffer_name)
                         if buffer.shape == value.shape:
                             buffer.copy_(value)
