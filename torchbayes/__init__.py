@@ -7,6 +7,7 @@ from torchbayes.checkpoint import CheckpointError, load_checkpoint, read_checkpo
 from torchbayes.conversion import bnn_to_dnn, conversion_history, dnn_to_bnn, moped, register_conversion
 from torchbayes.distributed import ModelWithKL, seed_per_rank
 from torchbayes.elbo import elbo_loss, get_kl_loss, kl_divergence
+from torchbayes.ensemble import Ensemble, fit_ensemble
 from torchbayes.export import export_onnx, export_program
 from torchbayes.interchange import load_reference_state_dict, reference_state_dict
 from torchbayes.nn import noise_generator, posterior_mean, sampling
@@ -46,6 +47,8 @@ __all__ = [
     "GaussianPrior",
     "ScaleMixturePrior",
     "elbo_loss",
+    "Ensemble",
+    "fit_ensemble",
     "get_kl_loss",
     "kl_divergence",
     "layers",
