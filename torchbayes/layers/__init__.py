@@ -14,7 +14,7 @@ Example:
 
 # Each module exports exactly its front doors in its own __all__, so adding a family of
 # layers (e.g. recurrent ones) is one import line here; __all__ below picks it up.
-from torchbayes.layers.base import ReferenceLayer
+from torchbayes.layers.base import ReferenceLayer as ReferenceLayer  # re-exported
 from torchbayes.layers.conv import *  # noqa: F403
 from torchbayes.layers.linear import *  # noqa: F403
 from torchbayes.layers.rnn import *  # noqa: F403

@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -106,12 +106,25 @@ def _check_reference_prior(owner: str, prior_mean: Any, prior_variance: Any) -> 
                          f"Bayesian-Torch) must be > 0, got {prior_variance!r}")
 
 
-def _bind_reference_arguments(layer: nn.Module, args: tuple[Any, ...],
+class _FrontDoor(Protocol):
+    """What the constructor helpers below need of a front door (a weight layer or an LSTM)."""
+
+    __signature__: ClassVar[inspect.Signature]
+    prior_mean: float
+    prior_variance: float
+    dnn_to_bnn_flag: bool
+
+    def register_state_dict_post_hook(self, hook: Any) -> Any: ...
+
+    def register_load_state_dict_pre_hook(self, hook: Any) -> Any: ...
+
+
+def _bind_reference_arguments(layer: _FrontDoor, args: tuple[Any, ...],
                               kwargs: dict[str, Any]) -> dict[str, Any]:
     """A front door's constructor arguments by name (the reference's signature, defaults
     applied), with the prior arguments checked; errors name the class."""
     try:
-        bound = layer.__signature__.bind(*args, **kwargs)  # type: ignore[attr-defined]
+        bound = layer.__signature__.bind(*args, **kwargs)
     except TypeError as error:
         raise TypeError(f"{type(layer).__name__}: {error}") from None
     bound.apply_defaults()
@@ -120,7 +133,7 @@ def _bind_reference_arguments(layer: nn.Module, args: tuple[Any, ...],
     return arguments
 
 
-def _finish_reference_setup(layer: nn.Module, prior_mean: Any, prior_variance: Any) -> None:
+def _finish_reference_setup(layer: _FrontDoor, prior_mean: float, prior_variance: float) -> None:
     """The reference's attributes and checkpoint key names on a constructed front door."""
     layer.prior_mean = prior_mean
     layer.prior_variance = prior_variance
@@ -147,6 +160,9 @@ class ReferenceLayer(BayesianWeightLayer):
     __signature__: ClassVar[inspect.Signature]
     _estimator: ClassVar[str]
     _reference_weight: ClassVar[str]
+    prior_mean: float
+    prior_variance: float
+    dnn_to_bnn_flag: bool
 
     mu_bias = posterior_alias("bias_mu", "Posterior means of the bias (native ``bias_mu``).")
     rho_bias = posterior_alias("bias_rho", "Posterior rho of the bias (native ``bias_rho``).")

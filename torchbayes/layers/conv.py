@@ -96,17 +96,17 @@ class Conv3dReparameterization(_Reparameterization, BayesConv3d):
     __signature__ = _CONV3D_REPARAMETERIZATION
 
 
-class ConvTranspose1dReparameterization(_Reparameterization, BayesConvTranspose1d):
+class ConvTranspose1dReparameterization(_Reparameterization, BayesConvTranspose1d):  # type: ignore[misc]  # reference forward(x, return_kl)
     __doc__ = _conv_doc("ConvTranspose1dReparameterization", "BayesConvTranspose1d", "reparameterization")
     __signature__ = _TRANSPOSE
 
 
-class ConvTranspose2dReparameterization(_Reparameterization, BayesConvTranspose2d):
+class ConvTranspose2dReparameterization(_Reparameterization, BayesConvTranspose2d):  # type: ignore[misc]  # reference forward(x, return_kl)
     __doc__ = _conv_doc("ConvTranspose2dReparameterization", "BayesConvTranspose2d", "reparameterization")
     __signature__ = _TRANSPOSE
 
 
-class ConvTranspose3dReparameterization(_Reparameterization, BayesConvTranspose3d):
+class ConvTranspose3dReparameterization(_Reparameterization, BayesConvTranspose3d):  # type: ignore[misc]  # reference forward(x, return_kl)
     __doc__ = _conv_doc("ConvTranspose3dReparameterization", "BayesConvTranspose3d", "reparameterization")
     __signature__ = _TRANSPOSE
 
@@ -126,16 +126,16 @@ class Conv3dFlipout(_Flipout, BayesConv3d):
     __signature__ = _CONV
 
 
-class ConvTranspose1dFlipout(_Flipout, BayesConvTranspose1d):
+class ConvTranspose1dFlipout(_Flipout, BayesConvTranspose1d):  # type: ignore[misc]  # reference forward(x, return_kl)
     __doc__ = _conv_doc("ConvTranspose1dFlipout", "BayesConvTranspose1d", "flipout")
     __signature__ = _TRANSPOSE
 
 
-class ConvTranspose2dFlipout(_Flipout, BayesConvTranspose2d):
+class ConvTranspose2dFlipout(_Flipout, BayesConvTranspose2d):  # type: ignore[misc]  # reference forward(x, return_kl)
     __doc__ = _conv_doc("ConvTranspose2dFlipout", "BayesConvTranspose2d", "flipout")
     __signature__ = _TRANSPOSE_OUTPUT_PADDING_FIRST
 
 
-class ConvTranspose3dFlipout(_Flipout, BayesConvTranspose3d):
+class ConvTranspose3dFlipout(_Flipout, BayesConvTranspose3d):  # type: ignore[misc]  # reference forward(x, return_kl)
     __doc__ = _conv_doc("ConvTranspose3dFlipout", "BayesConvTranspose3d", "flipout")
     __signature__ = _TRANSPOSE_OUTPUT_PADDING_FIRST

@@ -8,6 +8,7 @@ Bayesian-Torch. New code should use :class:`torchbayes.nn.BayesLSTM`, which foll
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -106,8 +107,11 @@ def _lstm_doc(name: str, estimator: str) -> str:
 
 
 class _ReferenceLSTM(BayesLSTM):
-    __signature__: ClassVar = _LSTM_SIGNATURE
+    __signature__: ClassVar[inspect.Signature] = _LSTM_SIGNATURE
     _estimator: ClassVar[str]
+    prior_mean: float
+    prior_variance: float
+    dnn_to_bnn_flag: bool
     # forward runs the cell-collecting loop on one draw: predict() samples pass by pass.
     supports_sample_groups = False
 
@@ -171,7 +175,7 @@ class _ReferenceLSTM(BayesLSTM):
             hidden_seq, _ = self._fused_forward(X, states, weights)
             c_seq = _cell_sequence(X, hidden_seq, states[0][0], states[1][0], weights)
         if return_kl and not self.dnn_to_bnn_flag:
-            return hidden_seq, (hidden_seq, c_seq), self.kl_loss() * X.shape[1]
+            return hidden_seq, (hidden_seq, c_seq), self.kl_divergence("mean") * X.shape[1]  # L * kl_loss()
         return hidden_seq, (hidden_seq, c_seq)
 
 

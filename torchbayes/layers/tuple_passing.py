@@ -12,7 +12,7 @@ reference draws them from U(0, 1)).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 from torch import Tensor, nn
 
@@ -30,7 +30,13 @@ def _unpack(input: Any, owner: str) -> tuple[Tensor, bool]:
 
 
 class _TuplePassing(nn.Module):
-    def forward(self, input: Tensor | tuple[Tensor, Any]) -> Tensor | tuple[Tensor, int]:
+    @overload
+    def forward(self, input: Tensor) -> Tensor: ...
+
+    @overload
+    def forward(self, input: tuple[Tensor, Any] | list[Any]) -> tuple[Tensor, int]: ...
+
+    def forward(self, input: Tensor | tuple[Tensor, Any] | list[Any]) -> Tensor | tuple[Tensor, int]:
         """Apply the ``torch.nn`` layer to ``x``; return ``(out, 0)`` for a pair, ``out`` for a tensor."""
         x, pair = _unpack(input, type(self).__name__)
         out = super().forward(x)
