@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from torchbayes.nn.base import iter_bayesian_modules
+from torchbayes.nn.base import BayesianModule, iter_bayesian_modules
 
 __all__ = ["kl_divergence", "get_kl_loss", "elbo_loss"]
 
 
-def _bayesian_modules(model: nn.Module, caller: str) -> list[nn.Module]:
+def _bayesian_modules(model: nn.Module, caller: str) -> list[BayesianModule]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}")
     return [m for _, m in iter_bayesian_modules(model)]

@@ -124,5 +124,7 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], path
     with torch.no_grad():
         program = torch.onnx.export(deployed, args, dynamo=True, verbose=False,
                                     dynamic_shapes=_batch_shapes(args, dynamic_batch))
+    if program is None:  # only the legacy exporter (dynamo=False) returns None
+        raise RuntimeError("export_onnx: torch.onnx.export returned no ONNXProgram")
     program.save(os.fspath(path))
     return program

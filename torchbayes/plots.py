@@ -114,7 +114,7 @@ def uncertainty_histogram(in_scores: Tensor, out_scores: Tensor, *, label: str =
     b = out_scores.detach().cpu().double().numpy()
     both = torch.cat([in_scores.detach().cpu().double(), out_scores.detach().cpu().double()])
     lo, hi = float(both.min()), float(both.max())
-    edges = torch.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1).numpy()
+    edges = torch.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1).tolist()
     fig = _new_figure((5.5, 4.0))
     ax = fig.subplots()
     ax.hist(a, bins=edges, density=True, alpha=0.55, color="tab:blue", label=f"in-distribution (n={a.size})")
@@ -140,12 +140,13 @@ def risk_coverage_plot(uncertainty: Tensor, correct: Tensor, *, path: str | os.P
     Example:
         >>> risk_coverage_plot(entropy, probs.argmax(1) == y, path="risk_coverage.png")
     """
-    coverage, risk = risk_coverage_curve(uncertainty, correct)
-    coverage, risk = coverage.cpu().numpy(), risk.cpu().numpy()
+    coverage_t, risk_t = risk_coverage_curve(uncertainty, correct)
+    coverage, risk = coverage_t.cpu().numpy(), risk_t.cpu().numpy()
     fig = _new_figure((5.0, 4.0))
     ax = fig.subplots()
     ax.plot(coverage, risk, color="tab:blue")
-    ax.axhline(risk[-1], color="gray", linestyle="--", linewidth=1, label=f"full coverage risk = {risk[-1]:.3f}")
+    full_risk = float(risk[-1])
+    ax.axhline(full_risk, color="gray", linestyle="--", linewidth=1, label=f"full coverage risk = {full_risk:.3f}")
     ax.set(xlim=(0, 1), ylim=(0, max(1e-3, float(risk.max()) * 1.05)), xlabel="coverage", ylabel="risk (error rate)",
            title=f"Risk-coverage curve (AURC = {float(risk.mean()):.4f})")
     ax.legend()
