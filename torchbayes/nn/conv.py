@@ -9,7 +9,7 @@ every argument means exactly what it means in PyTorch (tuples, ``padding="same"`
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,16 +36,32 @@ _HYPERPARAMETERS = ("in_channels", "out_channels", "kernel_size", "stride", "pad
                     "_reversed_padding_repeated_twice")
 
 
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+
+
 class _BayesConvNd(BayesianWeightLayer):
     """Shared implementation of the Bayesian (transposed) convolutions."""
 
-    _torch_cls: type[nn.modules.conv._ConvNd]
-    _twin_args = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                  "dilation", "groups", "padding_mode")
+    _torch_cls: (type[nn.Conv1d] | type[nn.Conv2d] | type[nn.Conv3d] | type[nn.ConvTranspose1d]
+                 | type[nn.ConvTranspose2d] | type[nn.ConvTranspose3d])
+    _twin_args: tuple[str, ...] = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                                   "dilation", "groups", "padding_mode")
+    # Copied from the torch twin (_HYPERPARAMETERS), with torch's types.
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: str | tuple[int, ...]
+    dilation: tuple[int, ...]
+    transposed: bool
+    output_padding: tuple[int, ...]
+    groups: int
+    padding_mode: PaddingMode
+    _reversed_padding_repeated_twice: list[int]
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
                  padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = "zeros", device: torch.device | str | None = None,
+                 padding_mode: PaddingMode = "zeros", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, *, output_padding: Any = None,
                  prior_mu: float | Tensor = 0.0, prior_sigma: float | Tensor = 1.0,
                  posterior_mu_init: float = 0.0, posterior_rho_init: float = -3.0,
@@ -108,11 +124,11 @@ class _BayesConvTransposeNd(_BayesConvNd):
     """Transposed convolutions: ``forward`` also takes torch's ``output_size``."""
 
     _conv_transpose: Any
-    _twin_args = _BayesConvNd._twin_args + ("output_padding",)
+    _twin_args = (*_BayesConvNd._twin_args, "output_padding")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
                  padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,
-                 dilation: Any = 1, padding_mode: str = "zeros",
+                 dilation: Any = 1, padding_mode: PaddingMode = "zeros",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  **bayes: Any) -> None:
         # torch orders a transposed convolution's arguments differently from a convolution's.
@@ -121,10 +137,11 @@ class _BayesConvTransposeNd(_BayesConvNd):
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         self._check_input(input)
-        # torch's own rule for turning output_size into output_padding.
+        # torch's own rule for turning output_size into output_padding (torch's annotations
+        # say lists and a _ConvTransposeNd; it reads these tuples and attributes only).
         output_padding = nn.modules.conv._ConvTransposeNd._output_padding(
             self, input, output_size, self.stride, self.padding, self.kernel_size,  # type: ignore[arg-type]
-            self._num_spatial_dims, self.dilation)
+            self._num_spatial_dims, self.dilation)  # type: ignore[arg-type]
         conv_transpose = type(self)._conv_transpose
 
         def op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -136,6 +153,9 @@ class _BayesConvTransposeNd(_BayesConvNd):
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return type(self)._conv_transpose(input, weight, bias, self.stride, self.padding,
                                           self.output_padding, self.groups, self.dilation)
+
+
+_OUTPUT_SIZE_NOTE = " (``forward`` accepts its ``output_size``)"
 
 
 def _conv_doc(name: str, twin: str, d: int, transposed: bool) -> str:
@@ -151,7 +171,7 @@ def _conv_doc(name: str, twin: str, d: int, transposed: bool) -> str:
     {_LOCAL_NOTE}
     Shape:
         - Input: :math:`(N, C_{{in}}, {shape})` or :math:`(C_{{in}}, {shape})`.
-        - Output: :math:`(N, C_{{out}}, ...)`, exactly as ``torch.nn.{twin}``{" (``forward`` accepts its ``output_size``)" if transposed else ""}.
+        - Output: :math:`(N, C_{{out}}, ...)`, exactly as ``torch.nn.{twin}``{_OUTPUT_SIZE_NOTE if transposed else ""}.
 
     Example:
         >>> layer = {name}(3, 8, 3, estimator="flipout")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, _VF, nn
+from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from torchbayes.nn import functional as BF
@@ -88,7 +88,7 @@ class _BayesRNNBase(BayesianModule):
 
     #: Opts in to :func:`torchbayes.predict`'s many-samples-per-pass mode.
     supports_sample_groups: bool = True
-    _torch_cls: type[nn.RNNBase]
+    _torch_cls: type[nn.LSTM] | type[nn.GRU]
     _fused: Callable[..., Any]
 
     def __init__(
@@ -337,6 +337,7 @@ class _BayesRNNBase(BayesianModule):
                                                        tuple(s[index] for s in states), collect_cells)
                 outputs.append(out.flip(0) if direction == 1 else out)
                 if collect_cells:
+                    assert cell_seq is not None  # _recurrence returns the cells when asked
                     cells.append(cell_seq.flip(0) if direction == 1 else cell_seq)
                 for acc, s in zip(finals, last):
                     acc.append(s)
@@ -346,7 +347,7 @@ class _BayesRNNBase(BayesianModule):
         output = x.transpose(0, 1) if self.batch_first else x
         final = tuple(torch.stack(acc) for acc in finals)
         if collect_cells:
-            return output, final + (torch.cat(cells, dim=-1),)
+            return output, (*final, torch.cat(cells, dim=-1))
         return output, final
 
     def _recurrence(self, pre: Tensor, project_hidden: _FlipoutProjection, state: tuple[Tensor, ...],
