@@ -119,6 +119,7 @@ def _check_arguments(model: nn.Module, x: Tensor, num_samples: int, task: str, o
         raise ValueError(f"outputs must be one of {CLASSIFIER_OUTPUTS}, got {outputs!r}")
     if output_variance not in VARIANCE_OUTPUTS:
         raise ValueError(f"output_variance must be one of {VARIANCE_OUTPUTS}, got {output_variance!r}")
+    _check_result_fits(model, x, num_samples)
 
 
 def _check_input_matches_model(modules: list[nn.Module], x: Tensor) -> None:
@@ -137,3 +138,54 @@ def _check_input_matches_model(modules: list[nn.Module], x: Tensor) -> None:
                          f"{reference.dtype}; convert x with x.to({reference.dtype})")
 
 
+#: From this many rows (samples x inputs) on, predict estimates the result's memory first.
+_ROWS_CHECKED = 2**20
+#: The samples, their probabilities and one more copy of that size while summarizing.
+_RESULT_COPIES = 3
+
+
+def _check_result_fits(model: nn.Module, x: Tensor, num_samples: int) -> None:
+    """Refuse a prediction whose ``(S, B, ...)`` result cannot fit in memory, before computing it.
+
+    From ``S * B >= 2**20`` rows on, one forward of one input (posterior means, eval mode,
+    no gradients) gives the output size per example, and ``S * B`` times that, times
+    :data:`_RESULT_COPIES`, must fit in the memory available on ``x``'s device (CPU:
+    ``MemAvailable``; CUDA: free memory); otherwise ``ValueError``. A failing probe is
+    left to the later, clearer checks.
+    """
+    rows = num_samples * x.shape[0]
+    if rows < _ROWS_CHECKED:
+        return
+    import os
+
+    from torchbayes.nn.mode import posterior_mean
+
+    training = [m for m in model.modules() if m.training]
+    try:
+        model.eval()
+        with torch.no_grad(), posterior_mean(model):
+            out = model(x[:1])
+        out = out[0] if isinstance(out, tuple) else out
+        per_row = out.numel() * max(out.element_size(), 4)  # summaries are float32 at least
+    except Exception:
+        return
+    finally:
+        for m in training:
+            m.training = True
+    needed = rows * per_row * _RESULT_COPIES
+    if x.device.type == "cuda":
+        available = torch.cuda.mem_get_info(x.device)[0]
+    elif x.device.type == "cpu" and hasattr(os, "sysconf"):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        try:  # free memory plus what the kernel can reclaim (page cache)
+            with open("/proc/meminfo") as info:
+                line = next(ln for ln in info if ln.startswith("MemAvailable:"))
+            available = int(line.split()[1]) * 1024
+        except (OSError, StopIteration, ValueError):
+            pass
+    else:
+        return
+    if needed > available:
+        raise ValueError(f"num_samples={num_samples} for {x.shape[0]} input(s) needs about {needed / 1e9:.3g} GB "
+                         f"for the samples and their summary, more than the {available / 1e9:.3g} GB available "
+                         f"on {x.device}; use fewer samples or predict fewer inputs per call")
