@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -434,7 +435,11 @@ def _run_quantize(args: argparse.Namespace, console: _Console) -> int:
         raise BadInput(f"checkpoint {args.checkpoint!r} expects inputs {ckpt.input_shape}, but --dataset "
                        f"{_shown(dataset)} has inputs {data.input_shape}")
     # Static activation ranges from training images (what the model saw), not test ones.
-    quantized = quantize(ckpt.model.eval(), data.train_x[: args.calibration_samples])
+    with warnings.catch_warnings(record=True) as caught:  # shown as one line each, like ours
+        warnings.simplefilter("always")
+        quantized = quantize(ckpt.model.eval(), data.train_x[: args.calibration_samples])
+    for warning in caught:
+        print(f"torchbayes quantize: warning: {warning.message}", file=sys.stderr, flush=True)
     save_checkpoint(out, quantized, config, ckpt.input_shape, ckpt.num_classes, ckpt.history, int8=True)
     sizes = source.stat().st_size, out.stat().st_size
     console(f"INT8 model: {out} ({sizes[1] / 1e6:.2f} MB, {sizes[0] / sizes[1]:.1f}x smaller than "

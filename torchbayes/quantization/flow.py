@@ -14,6 +14,7 @@ The user's model is never modified.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -218,7 +219,19 @@ def convert(model: nn.Module, *, dtype: Any = "int8") -> nn.Module:
         model = prepare(model, dtype=dtype)
     for layer in _quantized_layers(model):
         layer.stop_observing()
+    _warn_zero_width_ranges(model)
     return model
+
+
+def _warn_zero_width_ranges(model: nn.Module) -> None:
+    """Warn when calibration gave a layer a single input value: every other input is then
+    clipped to it (e.g. all-zero calibration data)."""
+    flat = [name for name, m in model.named_modules() if isinstance(m, QuantizedBayesianModule)
+            and bool(torch.isfinite(m.input_range).all()) and float(m.input_range[0]) == float(m.input_range[1])]
+    if flat:
+        warnings.warn(f"calibration gave {len(flat)} layer(s) (first: {flat[0]!r}) a zero-width input range "
+                      "(every calibration input had one value, e.g. all zeros): other inputs will be clipped "
+                      "to it; calibrate with representative data", UserWarning, stacklevel=3)
 
 
 def _calibration_batches(data: Any) -> Iterable[Tensor]:
@@ -278,6 +291,7 @@ def quantize(model: ModelT, calibration_data: Tensor | Iterable[Any] | None = No
     """
     prepared = prepare(model, dtype=dtype)
     if calibration_data is not None:
+        seen = 0
         with torch.no_grad():
             for batch in _calibration_batches(calibration_data):
                 if not isinstance(batch, Tensor):
@@ -287,4 +301,8 @@ def quantize(model: ModelT, calibration_data: Tensor | Iterable[Any] | None = No
                 except (RuntimeError, ValueError, TypeError) as error:
                     raise ValueError(f"calibration_data does not fit the model: a batch of shape "
                                      f"{tuple(batch.shape)} failed with: {error}") from error
+                seen += batch.shape[0] if batch.dim() else 1
+        if not seen:  # silently falling back to dynamic ranges would hide the mistake
+            raise ValueError("calibration_data holds no inputs (an empty iterable or empty batches); "
+                             "give representative inputs, or None for dynamic activation quantization")
     return convert(prepared, dtype=dtype)
