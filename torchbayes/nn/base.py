@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +73,11 @@ class BayesianModule(nn.Module):
     #: whether this module draws one posterior sample per block of its batch when
     #: :func:`torchbayes.nn.vectorized.sample_groups` is active (see that module)
     supports_sample_groups: bool = False
+    #: the prior copied to each variational parameter (a plain attribute, see __init__)
+    _prior_template: Prior
+    posterior_mu_init: float
+    posterior_rho_init: float
+    deterministic: bool
 
     def __init__(
         self,
@@ -120,9 +125,8 @@ class BayesianModule(nn.Module):
                              device: torch.device | str | None = None,
                              dtype: torch.dtype | None = None) -> None:
         """Create ``{name}_mu``, ``{name}_rho`` and ``{name}_prior`` for a parameter of ``shape``."""
-        factory = {"device": device, "dtype": dtype}
-        self.register_parameter(f"{name}_mu", nn.Parameter(torch.empty(shape, **factory)))
-        self.register_parameter(f"{name}_rho", nn.Parameter(torch.empty(shape, **factory)))
+        self.register_parameter(f"{name}_mu", nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+        self.register_parameter(f"{name}_rho", nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
         prior = copy.deepcopy(self._prior_template)
         prior.check_shape(torch.Size(shape), name)
         self.add_module(f"{name}_prior", prior.to(device=device, dtype=dtype))
@@ -205,18 +209,20 @@ class BayesianModule(nn.Module):
         names = tuple(self._variational_names)
         params = self._mu_rho_pairs()
         priors = [self._modules[name + "_prior"] for name in names]
+        gaussian = [prior for prior in priors if isinstance(prior, GaussianPrior)]
         self._kl_cache.clear()
         fuse = (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and all(isinstance(prior, GaussianPrior) for prior in priors)
+                and len(gaussian) == len(priors)
                 and any(rho.requires_grad for _, rho in params))
         if not fuse:
             return BF.posterior_draws(params, kind, with_means=with_means)
         token = BF.KLToken()
         try:
-            result = BF.posterior_draws(params, kind, [(p.mu, p.sigma) for p in priors], token, with_means)
+            result = BF.posterior_draws(params, kind, [(p.mu, p.sigma) for p in gaussian], token, with_means)
         except (ZeroDivisionError, ValueError) as exc:
             raise ValueError(self._invalid_prior() or str(exc)) from exc
         tensors = [t for pair in params for t in pair]
+        assert result.kl is not None and result.kl_parts is not None  # priors were given
         self._kl_cache[names] = (result.kl, result.kl_parts, tensors, [t._version for t in tensors], token)
         return result
 
@@ -234,7 +240,8 @@ class BayesianModule(nn.Module):
 
     def _mu_rho_pairs(self) -> list[tuple[Tensor, Tensor]]:
         # The parameter dict directly: a per-step path, where Module.__getattr__ adds up.
-        params = self._parameters
+        # Variational parameters are always registered, never None.
+        params = cast("dict[str, Tensor]", self._parameters)
         return [(params[name + "_mu"], params[name + "_rho"]) for name in self._variational_names]
 
     def kl_divergence(self, reduction: str = "sum") -> Tensor:
@@ -341,6 +348,9 @@ class BayesianWeightLayer(BayesianModule):
             raise TypeError(f"{cls.__name__}.from_torch: module must be a torch.nn."
                             f"{cls._torch_cls.__name__}, got {type(module).__name__}")
         weight = module.weight
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"{cls.__name__}.from_torch: {type(module).__name__}.weight is not a tensor "
+                            f"({type(weight).__name__})")
         if isinstance(weight, nn.parameter.UninitializedParameter):
             raise ValueError(f"{cls.__name__}.from_torch: {type(module).__name__} is not "
                              "initialised yet (lazy module); run one forward pass first")
@@ -402,9 +412,11 @@ class BayesianWeightLayer(BayesianModule):
         gradient through the draws' node (see ``functional.posterior_draws``)."""
         result = self._draw_all(kind, with_means=kind != "sample")
         has_bias = len(result.draws) > 1
-        means = result.means or [self.weight_mu, self.bias_mu]
-        return (result.draws[0], result.draws[1] if has_bias else None,
-                means[0], means[1] if has_bias else None)
+        if result.means:
+            weight_mean, bias_mean = result.means[0], result.means[1] if has_bias else None
+        else:
+            weight_mean, bias_mean = self.weight_mu, self.bias_mu
+        return result.draws[0], result.draws[1] if has_bias else None, weight_mean, bias_mean
 
     def _forward_reparameterization(self, x: Tensor, op: Op) -> Tensor:
         weight, bias, _, _ = self._draw_weight_and_bias("sample")
