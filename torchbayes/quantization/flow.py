@@ -14,6 +14,7 @@ The user's model is never modified.
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections.abc import Iterable
 from typing import Any, TypeVar
@@ -119,7 +120,7 @@ def _fuse_relus(model: nn.Module) -> None:
         if not isinstance(parent, nn.Sequential):
             continue
         names = list(parent._modules)
-        for first, second in zip(names, names[1:]):
+        for first, second in itertools.pairwise(names):
             layer, follower = parent._modules[first], parent._modules[second]
             if (isinstance(layer, QuantizedBayesianModule) and not layer.fused_relu
                     and type(follower) is nn.ReLU and not follower._forward_hooks

@@ -79,7 +79,8 @@ def _dense_view(x: Tensor) -> Tensor:
     """
     if x.is_contiguous():
         return x
-    view = x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    strides = x.stride()
+    view = x.permute(sorted(range(x.dim()), key=lambda d: -strides[d]))
     return view if view.is_contiguous() else x
 
 
@@ -109,7 +110,7 @@ def quantize_activation(x: Tensor, value_range: tuple[float, float] | None = Non
         low, high = value_range
     low, high = min(low, 0.0), max(high, 0.0)
     scale = max((high - low) / _ACTIVATION_STEPS, _TINY)
-    zero_point = int(round(-low / scale))
+    zero_point = round(-low / scale)
     # One fused multiply-add, then truncation (round half up, as all values are >= 0).
     shifted = torch.add(torch.full((), zero_point + 0.5, dtype=x.dtype, device=x.device), x,
                         alpha=1.0 / scale, out=None if buffers is None else buffers[0])

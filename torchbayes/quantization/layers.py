@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from torchbayes.nn import noise
 from torchbayes.nn.base import BayesianModule
-from torchbayes.nn.conv import BayesConv1d, BayesConv2d, BayesConv3d
+from torchbayes.nn.conv import BayesConv1d, BayesConv2d, BayesConv3d, PaddingMode
 from torchbayes.nn.linear import BayesLinear
 from torchbayes.nn.vectorized import SampleGroups, active_sample_groups
 from torchbayes.quantization.kernels import (
@@ -82,6 +82,10 @@ class QuantizedBayesianModule(BayesianModule):
     """
 
     supports_sample_groups = True
+    input_range: Tensor
+    fused_relu: bool
+    bias_mu: Tensor | None
+    bias_sigma: Tensor | None
 
     def __init__(self, estimator: str) -> None:
         super().__init__(estimator=estimator)
@@ -158,6 +162,11 @@ class QuantizedBayesianModule(BayesianModule):
         state["_cache"] = {}
         return state
 
+    @classmethod
+    def from_float(cls, layer: nn.Module) -> QuantizedBayesianModule:
+        """The INT8 layer holding the posterior of the float Bayesian ``layer``."""
+        raise NotImplementedError
+
     def kl_divergence(self, reduction: str = "sum") -> Tensor:
         """Not available: quantized layers are for inference; compute the KL on the float model."""
         raise TypeError(f"{type(self).__name__} is an INT8 inference layer and has no KL term; "
@@ -170,16 +179,23 @@ class QuantizedBayesianModule(BayesianModule):
             getattr(self, f"{name}_{suffix}_int8").copy_(q)
             getattr(self, f"{name}_{suffix}_scale").copy_(scale)
 
+    def _store_bias(self, mu: Tensor, sigma: Tensor) -> None:
+        """Copy a float posterior of the bias into the bias buffers (registered when bias=True)."""
+        assert self.bias_mu is not None and self.bias_sigma is not None
+        self.bias_mu.copy_(mu)
+        self.bias_sigma.copy_(sigma)
+
     def _register_quantized(self, name: str, shape: tuple[int, ...]) -> None:
         self.register_buffer(f"{name}_int8", torch.zeros(shape, dtype=torch.int8))
         self.register_buffer(f"{name}_scale", torch.ones(shape[0]))
 
     def _draw_bias(self, g: int) -> Tensor | None:
         """``g`` bias draws ``(g, out)`` from the posterior (kept in float), or ``None``."""
-        if self.bias_mu is None:
+        mu, sigma = self.bias_mu, self.bias_sigma
+        if mu is None or sigma is None:
             return None
-        eps = noise.randn((g, *self.bias_mu.shape), self.bias_mu)
-        return torch.addcmul(self.bias_mu, self.bias_sigma, eps)
+        eps = noise.randn((g, *mu.shape), mu)
+        return torch.addcmul(mu, sigma, eps)
 
     def _dequantized(self, name: str) -> Tensor:
         return self._cached(f"float_{name}", lambda: dequantize_per_channel(
@@ -193,7 +209,9 @@ class QuantizedBayesLinear(QuantizedBayesianModule):
     constructor makes an empty layer to load a ``state_dict`` into.
 
     Args:
-        in_features, out_features, bias: as in :class:`~torchbayes.nn.BayesLinear`.
+        in_features: as in :class:`~torchbayes.nn.BayesLinear`.
+        out_features: as in :class:`~torchbayes.nn.BayesLinear`.
+        bias: as in :class:`~torchbayes.nn.BayesLinear`.
 
     Shape:
         - Input: :math:`(*, H_{in})`; output: :math:`(*, H_{out})`.
@@ -223,15 +241,16 @@ class QuantizedBayesLinear(QuantizedBayesianModule):
         self.register_buffer("bias_sigma", torch.zeros(out_features) if bias else None)
 
     @classmethod
-    def from_float(cls, layer: BayesLinear) -> QuantizedBayesLinear:
+    def from_float(cls, layer: nn.Module) -> QuantizedBayesLinear:
         """The INT8 layer holding ``layer``'s posterior, quantized per output feature."""
+        if not isinstance(layer, BayesLinear):
+            raise TypeError(f"{cls.__name__}.from_float: layer must be a BayesLinear, got {type(layer).__name__}")
         new = cls(layer.in_features, layer.out_features, layer.bias_mu is not None)
         with torch.no_grad():
             sigma = layer.posterior_sigma("weight")
             new._store_posterior("weight", layer.weight_mu, sigma.square(), "var")
             if layer.bias_mu is not None:
-                new.bias_mu.copy_(layer.bias_mu)
-                new.bias_sigma.copy_(layer.posterior_sigma("bias"))
+                new._store_bias(layer.bias_mu, layer.posterior_sigma("bias"))
         new.deterministic = layer.deterministic
         return new
 
@@ -344,12 +363,25 @@ def _is_channels_last(x: Tensor) -> bool:
 class _QuantizedBayesConvNd(QuantizedBayesianModule):
     """Shared implementation of the INT8 Bayesian convolutions (kernel draws)."""
 
-    _float_cls: type[nn.Module]
-    _torch_cls: type[nn.modules.conv._ConvNd]
+    _float_cls: type[BayesConv1d] | type[BayesConv2d] | type[BayesConv3d]
+    _torch_cls: type[nn.Conv1d] | type[nn.Conv2d] | type[nn.Conv3d]
+    # Copied from the torch twin (_CONV_HYPERPARAMETERS), with torch's types.
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: str | tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode: PaddingMode
+    _reversed_padding_repeated_twice: list[int]
+    channels_last_output: bool
+    weight_mu_int8: Tensor
+    weight_mu_scale: Tensor
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
                  padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: str = "zeros") -> None:
+                 padding_mode: PaddingMode = "zeros") -> None:
         super().__init__(estimator="reparameterization")
         # torch's own validation and normalisation of the hyperparameters.
         twin = self._torch_cls(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
@@ -380,8 +412,7 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
         with torch.no_grad():
             new._store_posterior("weight", layer.weight_mu, layer.posterior_sigma("weight"), "sigma")
             if layer.bias_mu is not None:
-                new.bias_mu.copy_(layer.bias_mu)
-                new.bias_sigma.copy_(layer.posterior_sigma("bias"))
+                new._store_bias(layer.bias_mu, layer.posterior_sigma("bias"))
         new.deterministic = layer.deterministic
         return new
 
@@ -393,7 +424,8 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
                 mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
                 x = F.pad(x, self._reversed_padding_repeated_twice, mode=mode)
             return x, (0,) * d
-        return x, tuple(self.padding)
+        assert not isinstance(self.padding, str)  # string padding was handled above
+        return x, self.padding
 
     def _packed_conv(self, q: Tensor, scale: Tensor, padding: tuple[int, ...]) -> PackedConv:
         return PackedConv(q, scale, self.stride, padding, self.dilation, self.groups)
