@@ -25,9 +25,14 @@ class BayesLinear(BayesianWeightLayer):
         in_features: size of each input sample.
         out_features: size of each output sample.
         bias: if ``False``, the layer has no bias.
-        device, dtype: factory arguments, as in ``torch.nn.Linear``.
-        prior_mu, prior_sigma, posterior_mu_init, posterior_rho_init, estimator, prior:
-            see :class:`~torchbayes.nn.BayesianModule`.
+        device: factory argument, as in ``torch.nn.Linear``.
+        dtype: factory argument, as in ``torch.nn.Linear``.
+        prior_mu: prior mean (see :class:`~torchbayes.nn.BayesianModule` for these six).
+        prior_sigma: prior standard deviation, > 0.
+        posterior_mu_init: added to the initial posterior means.
+        posterior_rho_init: initial ``rho``; the posterior sigma is ``softplus(rho)``.
+        estimator: ``"reparameterization"``, ``"flipout"`` or ``"local"``.
+        prior: a :class:`~torchbayes.priors.Prior` instead of the Gaussian prior.
 
     Shape:
         - Input: :math:`(*, H_{in})` with :math:`H_{in} = \text{in\_features}`.
