@@ -12,8 +12,8 @@ from torchbayes.nn.conv import (
 )
 from torchbayes.nn.linear import BayesLinear
 from torchbayes.nn.mode import posterior_mean, sampling
-from torchbayes.nn.rnn import BayesGRU, BayesLSTM
 from torchbayes.nn.noise import noise_generator
+from torchbayes.nn.rnn import BayesGRU, BayesLSTM
 
 __all__ = [
     "ESTIMATORS",
