@@ -7,17 +7,50 @@ never in silent wrong results, lost work or script in a report.
 
 from __future__ import annotations
 
+import datetime
+import errno
+import importlib
+import math
+import os
 import re
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
 from html.parser import HTMLParser
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("jinja2")
+pytest.importorskip("sklearn")
 
-from torchbayes.cli.evaluation import ModelEvaluation, Predictions  # noqa: E402
-from torchbayes.cli.report import Table, write_report  # noqa: E402
+from torchbayes import checkpoint, plots, predict
+from torchbayes.checkpoint import CheckpointError
+from torchbayes.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from torchbayes.cli.evaluation import ModelEvaluation, Predictions
+from torchbayes.cli.report import Table, check_writable_parent, write_report
+from torchbayes.cli.training import (
+    EpochSummary,
+    TrainConfig,
+    build_classifier,
+    load_checkpoint,
+    save_checkpoint,
+    training_warnings,
+)
+from torchbayes.nn import BayesConv2d, BayesLinear
+from torchbayes.nn.base import BayesianModule
+from torchbayes.priors import ScaleMixturePrior, smallest_prior_sigma
+from torchbayes.quantization import quantize
+
+# The module (the package exports its main() under the same name).
+cli_main = importlib.import_module("torchbayes.cli.main")
 
 SCRIPT = '<img src=x onerror="alert(1)"><script>alert(2)</script>'
 
@@ -64,3 +97,429 @@ def test_report_escapes_every_string(tmp_path):
     # Links point into the report folder (the slug of a crafted name has no path separators).
     links = [attrs["href"] for tag, attrs in elements.tags if tag == "a"]
     assert links and all(re.fullmatch(r"images/[a-z0-9-]+\.png", href) for href in links)
+
+
+# ---------------------------------------------------------------------- crafted checkpoints
+def _cli_checkpoint(path: Path, **config: Any) -> Path:
+    """A checkpoint as ``torchbayes train --deterministic`` writes it (untrained MLP on 8x8 digits)."""
+    settings = {"dataset": "digits", "model": "mlp", "ood_classes": [8, 9], "bayesian": False, "moped": False,
+                "epochs": 1, **config}
+    cfg = TrainConfig.from_dict(settings)
+    model = build_classifier(cfg, (1, 8, 8), 8)
+    history = [{"epoch": 1, "loss": 1.0, "nll": 1.0, "kl_per_example": 0.0, "train_accuracy": 0.5,
+                "test_accuracy": 0.5, "seconds": 0.1, "extra": {}}]
+    return save_checkpoint(path, model, cfg, (1, 8, 8), 8, history)
+
+
+def _tamper(path: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """Edit a checkpoint as an attacker would: load it safely, change it, save it with a
+    digest recomputed (the digest guards against corruption, not against a forger)."""
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    payload["sha256"] = checkpoint._tensor_digest(payload["state_dict"])
+    torch.save(payload, path)
+    return path
+
+
+def _settings(payload: dict[str, Any]) -> dict[str, Any]:
+    return payload["extra"]["torchbayes_cli"]
+
+
+def _one_error_line(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"torchbayes {command}: "), err
+    assert "Traceback" not in err and "weights_only=False" not in err
+    return lines[0]
+
+
+def _set_nan_weight(p: dict[str, Any]) -> None:
+    p["state_dict"]["1.weight"][0, 0] = math.nan
+
+
+CRAFTED = [
+    # 1. script or wrong types in the metadata the digest does not cover
+    (lambda p: _settings(p)["history"][0].update(epoch=SCRIPT), "history[0]['epoch']"),
+    (lambda p: _settings(p)["history"][0].update(loss=math.inf), "history[0]['loss']"),
+    (lambda p: _settings(p)["history"][0].update(test_accuracy=7.0), "must be in [0, 1]"),
+    (lambda p: _settings(p)["history"][0].update(script=SCRIPT), "history[0] must be a dict with keys among"),
+    (lambda p: _settings(p).update(history=7), "history must be a list"),
+    (lambda p: _settings(p)["config"].update(dataset=["a"]), "dataset must be str"),
+    (lambda p: _settings(p)["config"].update(model=SCRIPT * 200), "model must be a non-empty text"),
+    (lambda p: _settings(p)["config"].update(epochs=-5), "epochs must be a positive integer"),
+    (lambda p: _settings(p)["config"].update(seed=2**70), "seed must be an integer in"),
+    (lambda p: _settings(p)["config"].update(ood_classes=[SCRIPT]), "ood_classes must be a list of integers"),
+    (lambda p: _settings(p)["config"].update(onerror=SCRIPT), "unknown settings"),
+    (lambda p: _settings(p).update(class_names=[SCRIPT]), "expected the keys"),
+    # 11. malformed shapes: one line, not "'int' object is not iterable"
+    (lambda p: _settings(p).update(input_shape=5), "input_shape must be"),
+    (lambda p: _settings(p).update(input_shape=[1, 8]), "input_shape must be"),
+    (lambda p: _settings(p).update(input_shape=[1, 8, 10**9]), "input_shape must be"),
+    (lambda p: _settings(p).update(num_classes=True), "num_classes must be an integer"),
+    (lambda p: _settings(p).update(int8="yes"), "int8 must be true or false"),
+    # 3. a diverged (NaN) model is refused by evaluate and quantize
+    (_set_nan_weight, "non-finite values"),
+]
+
+
+@pytest.mark.parametrize("change, expected", CRAFTED)
+def test_crafted_checkpoint_settings_are_one_line_exit_2(change, expected, tmp_path, capsys):
+    path = _tamper(_cli_checkpoint(tmp_path / "m.pt"), change)
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        load_checkpoint(path)
+    for command in ("evaluate", "quantize"):
+        assert main([command, str(path), "--out", str(tmp_path / command), "--quiet"]) == EXIT_USAGE
+        line = _one_error_line(capsys.readouterr().err, command)
+        assert expected in line and "<img" not in line.replace(repr(SCRIPT)[1:-1], "")  # repr, not raw
+        assert not (tmp_path / command).exists()
+
+
+def test_valid_checkpoint_still_loads(tmp_path):
+    loaded = load_checkpoint(_cli_checkpoint(tmp_path / "m.pt"))
+    assert loaded.input_shape == (1, 8, 8) and loaded.num_classes == 8 and loaded.history[0]["epoch"] == 1
+
+
+# ---------------------------------------------------------------------- 2. paths from a checkpoint
+@pytest.mark.parametrize("config, flag", [({"dataset": "/proc/self"}, "--dataset PATH"),
+                                          ({"dataset": "cifar10", "data_root": "/proc/self"}, "--data-root")])
+@pytest.mark.parametrize("command", ["evaluate", "quantize"])
+def test_paths_stored_in_a_checkpoint_are_never_read(config, flag, command, tmp_path, capsys, monkeypatch):
+    # quantize refuses deterministic models first: give it a Bayesian one
+    path = _cli_checkpoint(tmp_path / "m.pt", bayesian=command == "quantize", **config)
+    read: list[str] = []
+    monkeypatch.setattr(cli_main, "load_image_dataset", lambda source, **kw: read.append(source))
+    assert main([command, str(path), "--out", str(tmp_path / "out"), "--quiet"]) == EXIT_USAGE
+    line = _one_error_line(capsys.readouterr().err, command)
+    assert flag in line and "never read" in line
+    assert read == []  # nothing was opened
+
+
+# ---------------------------------------------------------------------- 3. divergence
+def test_divergence_stops_training_without_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    code = main(["train", "--dataset", "digits", "--deterministic", "--epochs", "2", "--lr", "1e30",
+                 "--out", str(out), "--quiet"])
+    assert code == EXIT_FAILURE
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "diverged" in line and "--lr" in line and "no checkpoint was written" in line
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_training_at_chance_or_exploding_is_never_silent(tmp_path, capsys):
+    # lr 10 makes Adam's steps ~10 per weight: the run either diverges (exit 1) or ends near
+    # chance; both must be reported.
+    code = main(["train", "--dataset", "digits", "--deterministic", "--epochs", "1", "--lr", "10",
+                 "--out", str(tmp_path / "m.pt"), "--quiet"])
+    err = capsys.readouterr().err
+    if code == EXIT_OK:
+        assert "warning:" in err and "chance" in err and "--lr" in err
+    else:
+        assert code == EXIT_FAILURE and "diverged" in err
+
+
+def test_training_warnings_chance_and_explosion():
+    data = SimpleNamespace(train_y=torch.arange(400) % 4, num_classes=4)
+    cfg = TrainConfig.from_dict({"bayesian": False, "lr": 10.0})
+
+    def epoch(loss: float, accuracy: float) -> EpochSummary:
+        return EpochSummary(epoch=1, loss=loss, nll=loss, kl_per_example=0.0, train_accuracy=accuracy,
+                            test_accuracy=accuracy, seconds=0.0)
+
+    # Chance is 25% (balanced classes); 3 standard errors on 400 examples is 6.5 points.
+    assert training_warnings([epoch(1.0, 0.9)], data, cfg) == []
+    (chance,) = training_warnings([epoch(1.0, 0.30)], data, cfg)
+    assert "chance" in chance and "--lr 10" in chance
+    (exploded,) = training_warnings([epoch(1.0, 0.9), epoch(50.0, 0.9)], data, cfg)
+    assert "exploded" in exploded
+
+
+# ---------------------------------------------------------------------- 4. outputs checked first
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if a command starts loading data (the outputs must be checked before)."""
+    def work(*args, **kwargs):
+        raise AssertionError("the command started working before checking its output path")
+    monkeypatch.setattr(cli_main, "load_image_dataset", work)
+    monkeypatch.setattr(cli_main, "load_checkpoint", work)
+
+
+def _bad_outputs(tmp_path: Path) -> list[tuple[Path, str]]:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    (tmp_path / "a-folder").mkdir()
+    return [(tmp_path / "a-folder", "is a folder"), (blocker / "m.pt", "is a file, not a folder"),
+            (tmp_path / ("n" * 300 + ".pt"), "too long")]
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, no_work):
+    for out, expected in _bad_outputs(tmp_path):
+        assert main(["train", "--out", str(out), "--quiet"]) == EXIT_USAGE
+        line = _one_error_line(capsys.readouterr().err, "train")
+        assert line.startswith("torchbayes train: error: --out:") and expected in line
+        assert main(["quantize", str(tmp_path / "m.pt"), "--out", str(out), "--quiet"]) == EXIT_USAGE
+        assert "--out" in _one_error_line(capsys.readouterr().err, "quantize")
+    folder_cases = [(tmp_path / "a-file" / "r", "is a file"), (tmp_path / ("n" * 300), "too long")]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    folder_cases.append((tmp_path / "mine", "holds files that are not a report's"))
+    for out, expected in folder_cases:
+        for argv in (["evaluate", str(tmp_path / "m.pt"), "--out", str(out)],
+                     ["train", "--report", str(out), "--out", str(tmp_path / "m.pt")], ["demo", "--out", str(out)]):
+            assert main([*argv, "--quiet"]) == EXIT_USAGE
+            assert expected in _one_error_line(capsys.readouterr().err, argv[0])
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_folder_is_refused_before_any_work(tmp_path, capsys, no_work):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main(["train", "--out", str(locked / "m.pt"), "--quiet"]) == EXIT_USAGE
+        assert "cannot write in" in _one_error_line(capsys.readouterr().err, "train")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_probe_of_a_read_only_folder(tmp_path, monkeypatch):
+    """Root ignores permissions, so the write probe itself is made to fail here."""
+    import tempfile
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "TemporaryFile", denied)
+    with pytest.raises(ValueError, match=r"cannot write in .*Permission denied"):
+        check_writable_parent(tmp_path / "m.pt")
+
+
+# ---------------------------------------------------------------------- 5. atomic reports
+def test_failed_report_leaves_the_old_one_intact(tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    write_report(out, [_evaluation("first")], title="first")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out / "images" / "x.png"))
+    monkeypatch.setattr(plots, "risk_coverage_plot", full_disk)  # after some files were written
+    with pytest.raises(OSError, match="No space left on device"):
+        write_report(out, [_evaluation("second")], title="second")
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary sibling left
+    monkeypatch.undo()
+    write_report(out, [_evaluation("third")], title="third")  # replacing works once the disk has room
+    assert "third" in (out / "report.html").read_text() and sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_full_disk_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+    def full_disk(args, console):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "report" / "report.html"))
+    monkeypatch.setitem(cli_main._COMMANDS, "evaluate", full_disk)
+    assert main(["evaluate", "x.pt", "--quiet"]) == EXIT_FAILURE
+    line = _one_error_line(capsys.readouterr().err, "evaluate")
+    assert line.startswith("torchbayes evaluate: failed: No space left on device: ")
+
+
+def test_full_disk_while_saving_a_checkpoint(tmp_path, monkeypatch):
+    """torch.save's C++ writer turns the OSError into 'unexpected pos'; the real error comes out,
+    the old checkpoint stays and no temporary file is left."""
+    path = tmp_path / "m.pt"
+    checkpoint.save_checkpoint(BayesLinear(30, 20), path)
+    old = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    class FillingUp:
+        """The temporary file, on a disk that is full after 4 kB."""
+
+        def __init__(self, file):
+            self.file, self.written = file, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FillingUp(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoint.save_checkpoint(BayesLinear(300, 200), path)
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+# ---------------------------------------------------------------------- 6. estimator names
+def test_estimator_names_are_normalised_or_refused_on_every_path(tmp_path):
+    layer = BayesLinear(4, 3)
+    layer.estimator = "Flipout"
+    assert layer.estimator == "flipout"
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        layer.estimator = "bogus"
+    assert layer.estimator == "flipout"
+    assert BayesLinear(4, 3, estimator="Reparameterization").estimator == "reparameterization"
+    # A checkpoint storing the reference's spelling loads normalised; an unknown name is refused.
+    path = tmp_path / "m.pt"
+    checkpoint.save_checkpoint(nn.Sequential(BayesLinear(4, 3, estimator="flipout")), path)
+    for stored, expected in (("Reparameterization", "reparameterization"), ("LOCAL", "local")):
+        _tamper(path, lambda p, s=stored: p["layers"]["0"].update(estimator=s))
+        model = nn.Sequential(BayesLinear(4, 3))
+        checkpoint.load_checkpoint(path, model)
+        assert model[0].estimator == expected
+    _tamper(path, lambda p: p["layers"]["0"].update(estimator="bogus"))
+    with pytest.raises(CheckpointError, match="estimator must be one of"):
+        checkpoint.load_checkpoint(path, nn.Sequential(BayesLinear(4, 3)))
+
+
+# ---------------------------------------------------------------------- 7. tiny prior sigma
+def test_tiny_prior_sigma_is_refused_or_exact():
+    with pytest.raises(ValueError, match=r"prior_sigma must be >= 2\.33e-10 in float32"):
+        BayesLinear(4, 3, prior_sigma=1e-30)
+    with pytest.raises(ValueError, match="sigma2 must be >="):
+        ScaleMixturePrior(0.5, 1.0, 1e-30)
+    assert smallest_prior_sigma(torch.float64) < 1e-70
+    # Just above the float32 bound the KL is finite, differentiable and matches the closed
+    # form computed in float64 (relative 1e-5: float32 sums of 15 terms of the same sign).
+    for dtype, sigma_p in ((torch.float32, 3e-10), (torch.float64, 1e-30)):
+        layer = BayesLinear(4, 3, dtype=dtype, prior_sigma=torch.tensor(sigma_p, dtype=dtype))
+        kl = layer.kl_divergence()
+        kl.backward()
+        kl = kl.detach()
+        assert torch.isfinite(kl) and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+        expected = 0.0
+        for mu, rho in ((layer.weight_mu, layer.weight_rho), (layer.bias_mu, layer.bias_rho)):
+            m, s = mu.detach().double(), torch.nn.functional.softplus(rho.detach().double())
+            expected += float((math.log(sigma_p) - s.log() + (s**2 + m**2) / (2 * sigma_p**2) - 0.5).sum())
+        assert float(kl) == pytest.approx(expected, rel=1e-5)
+
+
+def test_tiny_prior_sigma_from_a_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "m.pt"
+    checkpoint.save_checkpoint(nn.Sequential(BayesLinear(4, 3)), path)
+    _tamper(path, lambda p: p["state_dict"]["0.weight_prior.sigma"].fill_(1e-30))
+    with pytest.raises(CheckpointError, match=r"prior sigma.*must be >="):
+        checkpoint.load_checkpoint(path, nn.Sequential(BayesLinear(4, 3)))
+    mixture = nn.Sequential(BayesLinear(4, 3, prior=ScaleMixturePrior(0.5, 1.0, 0.01)))
+    checkpoint.save_checkpoint(mixture, path)
+    for change, expected in ((lambda h: h.update(sigma2=1e-30), "sigma2 must be >="),
+                             (lambda h: h.update(pi=7.0), "pi must be in"),
+                             (lambda h: h.update(forward="x"), "unknown setting"),
+                             (lambda h: h.update(num_samples="many"), "must be a int")):
+        checkpoint.save_checkpoint(mixture, path)
+        _tamper(path, lambda p, c=change: c(p["layers"]["0"]["priors"]["weight"]["hyperparameters"]))
+        with pytest.raises(CheckpointError, match=expected):
+            checkpoint.load_checkpoint(path, nn.Sequential(BayesLinear(4, 3, prior=ScaleMixturePrior())))
+
+
+# ---------------------------------------------------------------------- 8. quantization calibration
+def test_quantize_refuses_empty_calibration_and_warns_on_zero_width():
+    model = nn.Sequential(BayesLinear(4, 8), nn.ReLU(), BayesLinear(8, 2)).eval()
+    for empty in ([], iter(()), [torch.zeros(0, 4)]):
+        with pytest.raises(ValueError, match="calibration_data holds no inputs"):
+            quantize(model, empty)
+    with pytest.warns(UserWarning, match="zero-width input range"):
+        quantize(model, torch.zeros(32, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quantize(model, torch.randn(32, 4, generator=torch.Generator().manual_seed(0)))
+
+
+# ---------------------------------------------------------------------- 9. huge num_samples
+def test_predict_refuses_a_result_that_cannot_fit_before_computing():
+    model = nn.Sequential(BayesLinear(4, 16), nn.ReLU(), BayesLinear(16, 10))
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    # 10**9 samples x 64 inputs x 10 outputs x 4 bytes x 3 copies = 7.7 TB: no machine has it.
+    with pytest.raises(ValueError, match=r"num_samples=1000000000 .* needs about 7.68e\+03 GB"):
+        predict(model, torch.randn(64, 4), num_samples=10**9)
+    assert calls == [1]  # one probe forward of one input, nothing else
+    assert model.training  # modes restored
+
+
+# ---------------------------------------------------------------------- 10. signals while saving
+_SIGNAL_SCRIPT = """
+import os, signal, sys
+from torchbayes import checkpoint
+from torchbayes.cli import main
+real = checkpoint._RecordingWriter.write
+def write(self, data):  # the signal arrives while torch.save is writing the file
+    os.kill(os.getpid(), signal.{name})
+    return real(self, data)
+checkpoint._RecordingWriter.write = write
+sys.exit(main(["train", "--dataset", "digits", "--deterministic", "--epochs", "1", "--batch-size", "512",
+               "--out", sys.argv[1], "--quiet"]))
+"""
+
+
+@pytest.mark.parametrize("name, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_signal_while_saving_cleans_up(name, code, word, tmp_path):
+    out = tmp_path / "m.pt"
+    run = subprocess.run([sys.executable, "-c", _SIGNAL_SCRIPT.format(name=name), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == code, run.stderr
+    assert run.stderr.strip() == f"torchbayes train: {word}"
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor a hidden .tmp-*.pt
+
+
+# ---------------------------------------------------------------------- 11. CLI messages
+@pytest.mark.parametrize("seed", ["-1", "1e23", str(2**32), "x"])
+def test_seed_is_validated(seed, capsys, no_work):
+    assert main(["train", "--seed", seed]) == EXIT_USAGE
+    assert "--seed" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _image_folder(root: Path, images_per_class: dict[str, int]) -> Path:
+    from PIL import Image
+
+    for name, count in images_per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (6, 6), (40 * i, 0, 0)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("classes, expected", [({"a": 1, "b": 1}, "needs at least 2 (one to train on"),
+                                               ({"a": 5, "b": 1}, "class 'b'"),
+                                               ({"only": 4}, "a classifier needs at least two")])
+def test_tiny_image_folders_are_one_line(classes, expected, tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    folder = _image_folder(tmp_path / "imgs", classes)
+    assert main(["train", "--dataset", str(folder), "--out", str(tmp_path / "m.pt"), "--quiet"]) == EXIT_USAGE
+    assert expected in _one_error_line(capsys.readouterr().err, "train")
+
+
+def test_random_bytes_and_unsafe_pickles_are_one_line(tmp_path, capsys):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)))
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"x": datetime.date(2020, 1, 1)}, unsafe)
+    for path, expected in ((junk, "not a readable checkpoint"), (unsafe, "GLOBAL datetime.date")):
+        assert main(["evaluate", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == EXIT_USAGE
+        assert expected in _one_error_line(capsys.readouterr().err, "evaluate")
+
+
+# ---------------------------------------------------------------------- 12. meta device, to_empty
+def test_meta_device_repr_and_to_empty():
+    with torch.device("meta"):
+        built = nn.Sequential(BayesConv2d(1, 2, 3), nn.Flatten(), BayesLinear(8, 2))
+    moved = nn.Sequential(BayesConv2d(1, 2, 3), nn.Flatten(), BayesLinear(8, 2)).to("meta")
+    for model in (built, moved, BayesLinear(3, 2, device="meta")):
+        assert "GaussianPrior" in repr(model)
+    real = moved.to_empty(device="cpu")
+    for m in real.modules():
+        if isinstance(m, BayesianModule):
+            m.weight_prior.sigma.zero_()  # what uninitialised memory may hold
+    with pytest.raises(ValueError, match=r"weight_prior.sigma is not a positive.*reset_parameters\(\)"):
+        real(torch.randn(2, 1, 4, 4))
+    for m in real.modules():
+        if isinstance(m, BayesianModule):
+            m.reset_parameters()
+            assert float(m.weight_prior.sigma) == 1.0 and float(m.weight_prior.mu) == 0.0
+    out = real(torch.randn(2, 1, 4, 4))
+    assert out.shape == (2, 2) and torch.isfinite(out).all()
+    assert torch.isfinite(sum(m.kl_divergence() for m in real.modules() if isinstance(m, BayesianModule)))

@@ -264,10 +264,10 @@ class _Console:
 def _check_output_file(path: str | Path, flag: str) -> Path:
     """Raise BadInput unless a file can be written at ``path`` (checked before any work)."""
     path = Path(path)
+    with _input_checks(flag):
+        check_writable_parent(path)  # first: it refuses names the system cannot even look up
     if path.is_dir():
         raise BadInput(f"{flag}: {str(path)!r} is a folder; give a file name")
-    with _input_checks(flag):
-        check_writable_parent(path)
     return path
 
 

@@ -56,7 +56,7 @@ _REPORT_ENTRIES = frozenset({REPORT_HTML, REPORT_JSON, IMAGES_DIR})
 #: For each metric, whether a larger value is better (used to mark the best model).
 _HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False, "brier": False, "aurc": False,
                      "ood_auroc_entropy": True, "ood_auroc_mutual_information": True,
-                     "predict_ms_per_image": False}
+                     "predict_ms_per_image": False, "train_seconds": False}
 
 
 @dataclass
@@ -120,6 +120,8 @@ def _format(key: str, value: float | None) -> str:
         return f"{100 * value:.2f}%"
     if key == "predict_ms_per_image":
         return f"{value:.3f}"
+    if key == "train_seconds":
+        return f"{value:.1f}"
     return f"{value:.4f}"
 
 
@@ -296,7 +298,7 @@ def check_report_folder(out_dir: str | Path) -> Path:
             too long a name or cannot be written (the message says which).
     """
     directory = Path(out_dir)
-    if directory.exists():
+    if _exists(directory):
         if not directory.is_dir():
             raise ValueError(f"{str(directory)!r} is a file, not a folder")
         others = sorted(p.name for p in directory.iterdir() if p.name not in _REPORT_ENTRIES)
@@ -305,6 +307,17 @@ def check_report_folder(out_dir: str | Path) -> Path:
                              f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")
     check_writable_parent(directory)
     return directory
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; ``ValueError`` for a path the system refuses (e.g. a name too long)."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise ValueError(f"{str(path)[:80]!r}...: {e.strerror or e}") from None
+    return True
 
 
 def check_writable_parent(path: str | Path) -> None:
@@ -317,7 +330,7 @@ def check_writable_parent(path: str | Path) -> None:
     path = Path(os.path.abspath(path))
     ancestor = path.parent
     missing = [path.name]
-    while not ancestor.exists():
+    while not _exists(ancestor):
         missing.append(ancestor.name)
         ancestor = ancestor.parent
     if not ancestor.is_dir():

@@ -297,6 +297,8 @@ def quantize(model: ModelT, calibration_data: Tensor | Iterable[Any] | None = No
             for batch in _calibration_batches(calibration_data):
                 if not isinstance(batch, Tensor):
                     raise TypeError(f"calibration_data batches must be Tensors, got {type(batch).__name__}")
+                if batch.dim() and batch.shape[0] == 0:
+                    continue  # nothing to observe (a refused empty input if no batch has rows)
                 try:
                     prepared(batch)
                 except (RuntimeError, ValueError, TypeError) as error:
