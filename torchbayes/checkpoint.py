@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from torchbayes.conversion import ConversionReport, conversion_history
 from torchbayes.nn.base import BayesianModule, canonical_estimator, iter_bayesian_modules
-from torchbayes.priors import GaussianPrior, check_prior_sigma
+from torchbayes.priors import GaussianPrior, Prior, check_prior_sigma
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint",
            "read_checkpoint", "rebuild"]
@@ -185,7 +185,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
         with os.fdopen(fd, "wb") as f:
             writer = _RecordingWriter(f)
             try:
-                torch.save(payload, writer)
+                torch.save(payload, writer)  # type: ignore[arg-type]  # a file object: write + flush
             except RuntimeError:
                 # torch's C++ writer replaces an error of our write() (a full disk, Ctrl-C)
                 # by "unexpected pos"; raise the real one.
@@ -348,7 +348,7 @@ def _apply(model: nn.Module, payload: dict[str, Any]) -> None:
 
 
 def _snapshot(model: nn.Module) -> tuple[dict[str, Tensor], list[tuple[BayesianModule, str]],
-                                        list[tuple[nn.Module, dict[str, Any]]]]:
+                                        list[tuple[Prior, dict[str, Any]]]]:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     modules = [m for _, m in iter_bayesian_modules(model)]
     priors = [(p, _prior_settings(p)["hyperparameters"]) for m in modules for *_, p in m.variational_parameters()]

@@ -128,9 +128,9 @@ def _format(key: str, value: float | None) -> str:
 def comparison_table(evaluations: Sequence[ModelEvaluation]) -> str:
     """The models' metrics side by side, as aligned plain text for the console."""
     names = [e.name for e in evaluations]
-    rows = [[METRIC_LABELS[k]] + [_format(k, e.metrics.get(k)) for e in evaluations] for k in METRIC_LABELS]
-    header = ["metric"] + names
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    rows = [[METRIC_LABELS[k], *(_format(k, e.metrics.get(k)) for e in evaluations)] for k in METRIC_LABELS]
+    header = ["metric", *names]
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
     lines.append("  ".join("-" * w for w in widths))
     for row in rows:
