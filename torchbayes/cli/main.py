@@ -490,7 +490,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{prog}: terminated", file=sys.stderr)
             return EXIT_TERMINATED
         except TrainingDiverged as e:
-            print(f"{prog}: failed: training diverged: {e}; no checkpoint was written", file=sys.stderr)
+            lost = "no checkpoint was written" if args.command == "train" else "no report was written"
+            print(f"{prog}: failed: training diverged: {e}; {lost}", file=sys.stderr)
             return EXIT_FAILURE
         except Exception as e:  # a runtime failure: one line, the traceback only on request
             if received:  # a signal raised inside C++ code comes out as another exception
