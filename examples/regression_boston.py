@@ -57,7 +57,7 @@ class BayesianRegressor(nn.Module):
 
     def __init__(self, in_features: int, hidden: int, prior_sigma: float, posterior_rho_init: float) -> None:
         super().__init__()
-        kwargs = dict(prior_sigma=prior_sigma, posterior_rho_init=posterior_rho_init)
+        kwargs = {"prior_sigma": prior_sigma, "posterior_rho_init": posterior_rho_init}
         self.net = nn.Sequential(BayesLinear(in_features, hidden, **kwargs), nn.ReLU(),
                                  BayesLinear(hidden, 1, **kwargs))
         self.log_noise_std = nn.Parameter(torch.tensor(math.log(0.5)))
@@ -88,11 +88,22 @@ def load_boston() -> tuple[Tensor, Tensor]:
     return torch.from_numpy(x.astype(np.float64)), torch.from_numpy(y.astype(np.float64))
 
 
-def run_split(x: Tensor, y: Tensor, split: int, settings: RegressionSettings) -> SplitResult:
-    """Train on a random 90% of the houses (seeded by ``split``) and score the other 10%."""
+@dataclass
+class FittedSplit:
+    """A model trained on one split, its normalised test inputs, and the target scale (k$)."""
+
+    model: BayesianRegressor
+    x_test: Tensor
+    y_test: Tensor
+    y_mean: float
+    y_std: float
+
+
+def fit_split(x: Tensor, y: Tensor, split: int, settings: RegressionSettings) -> FittedSplit:
+    """Train on a random 90% of the houses (seeded by ``split``); the other 10% are the test set."""
     generator = torch.Generator().manual_seed(split)
     order = torch.randperm(len(x), generator=generator)
-    num_train = int(round(0.9 * len(x)))
+    num_train = round(0.9 * len(x))
     train, test = order[:num_train], order[num_train:]
     # Normalise with the training split's statistics only (the test houses stay unseen).
     x_mean, x_std = x[train].mean(0), x[train].std(0).clamp_min(1e-12)
@@ -112,12 +123,18 @@ def run_split(x: Tensor, y: Tensor, split: int, settings: RegressionSettings) ->
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    return FittedSplit(model.eval(), x_test, y[test], float(y_mean), float(y_std))
 
-    result = torchbayes.predict(model, x_test, settings.num_samples, task="regression", seed=split)
+
+def run_split(x: Tensor, y: Tensor, split: int, settings: RegressionSettings) -> SplitResult:
+    """Train on a random 90% of the houses (seeded by ``split``) and score the other 10%."""
+    fitted = fit_split(x, y, split, settings)
+    model, y_mean, y_std = fitted.model, fitted.y_mean, fitted.y_std
+    result = torchbayes.predict(model, fitted.x_test, settings.num_samples, task="regression", seed=split)
     # Back to thousands of dollars: each sample's mean and the noise std are rescaled.
     sample_means = result.sample_means.squeeze(-1).double() * y_std + y_mean  # (S, B)
-    noise_std = float(model.log_noise_std.detach().exp()) * float(y_std)
-    y_test = y[test]
+    noise_std = float(model.log_noise_std.detach().exp()) * y_std
+    y_test = fitted.y_test
     rmse = float((sample_means.mean(0) - y_test).square().mean().sqrt())
     # Mixture of the S Gaussians: log 1/S sum_s N(y; m_s, noise^2), averaged over houses.
     log_densities = torch.distributions.Normal(sample_means, noise_std).log_prob(y_test)
