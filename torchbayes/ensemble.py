@@ -75,6 +75,9 @@ class Ensemble(nn.Module):
         self.members = nn.ModuleList(members)
         self._stacked: tuple[tuple[Any, ...], dict[str, Tensor], dict[str, Tensor]] | None = None
         self._vmap_failed = False
+        # (member ids, why the architecture cannot be vectorized or None, BatchNorm modules):
+        # checked once per set of members, not at every call (it shows at batch 1).
+        self._structure: tuple[tuple[int, ...], str | None, list[nn.Module]] | None = None
 
     @property
     def num_members(self) -> int:
@@ -83,6 +86,23 @@ class Ensemble(nn.Module):
 
     def loop_reason(self) -> str | None:
         """Why the members cannot be run in one vectorized pass, or ``None`` when they can."""
+        key = tuple(map(id, self.members))
+        structure = self._structure
+        if structure is None or structure[0] != key:
+            batchnorms: list[nn.Module] = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            structure = self._structure = (key, self._architecture_reason(), batchnorms)
+            self.__dict__.pop("_template_module", None)  # new members: a new template
+            self.__dict__.pop("_vmapped_forwards", None)
+        _, reason, batchnorms = structure
+        if reason is not None:
+            return reason
+        if any(m.training and m.track_running_stats for m in batchnorms):
+            return "BatchNorm in training mode updates running statistics in place"
+        if self._vmap_failed:
+            return "torch.vmap failed on the members' forward (e.g. data-dependent control flow)"
+        return None
+
+    def _architecture_reason(self) -> str | None:
         if len(self.members) < 2:
             return "a single member"
         first = self.members[0]
@@ -92,11 +112,6 @@ class Ensemble(nn.Module):
                 return f"members[{i}] differs in architecture from members[0]"
         if next(iter_bayesian_modules(self), None) is not None:
             return "members have Bayesian layers (each draws its own samples)"
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-               for m in self.modules()):
-            return "BatchNorm in training mode updates running statistics in place"
-        if self._vmap_failed:
-            return "torch.vmap failed on the members' forward (e.g. data-dependent control flow)"
         return None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -104,7 +119,7 @@ class Ensemble(nn.Module):
         if self.loop_reason() is None:
             try:
                 params, buffers = self._stacked_state()
-                return _vmapped_forward(self._template(), self.training)(params, buffers, x)
+                return self._vmapped()(params, buffers, x)
             except (RuntimeError, ValueError, TypeError, NotImplementedError):
                 # vmap cannot run this forward (e.g. data-dependent control flow); the loop
                 # below re-raises any error that is not vmap's.
@@ -142,10 +157,25 @@ class Ensemble(nn.Module):
         if template is None:
             template = copy.deepcopy(self.members[0]).to("meta")
             self.__dict__["_template_module"] = template  # not a submodule: no state_dict entry
-        template.train(self.training)
+        if template.training != self.training:
+            template.train(self.training)
         return template
 
+    def _vmapped(self) -> Callable[..., Tensor]:
+        # Built once per mode: creating the vmapped function costs as much as a small forward.
+        cache = self.__dict__.setdefault("_vmapped_forwards", {})
+        template = self._template()  # follows the ensemble's mode
+        if self.training not in cache:
+            cache[self.training] = _vmapped_forward(template, self.training)
+        return cache[self.training]
+
     def _stacked_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            # Training through forward: a differentiable stack, so gradients reach the members.
+            named = [dict((*m.named_parameters(), *m.named_buffers())) for m in self.members]
+            params = {k: torch.stack([n[k] for n in named]) for k, _ in self.members[0].named_parameters()}
+            buffers = {k: torch.stack([n[k] for n in named]) for k, _ in self.members[0].named_buffers()}
+            return params, buffers
         # Stacking copies every parameter, which would dominate a batch-1 prediction:
         # the stack is cached and rebuilt only when a member's tensor changed (in-place
         # updates bump a tensor's _version; replacements change its identity).
@@ -160,7 +190,9 @@ class Ensemble(nn.Module):
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles rebuild the caches
         state = self.__dict__.copy()
         state.pop("_template_module", None)
+        state.pop("_vmapped_forwards", None)
         state["_stacked"] = None
+        state["_structure"] = None
         return state
 
 

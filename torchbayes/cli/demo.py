@@ -1,10 +1,13 @@
-"""``torchbayes demo``: a deterministic network and its Bayesian twin, compared on real digits.
+"""``torchbayes demo``: a deterministic network, its Bayesian twin and the cheap baselines on real digits.
 
 The deterministic model is trained first; :func:`torchbayes.dnn_to_bnn` then converts a
 copy of it with MOPED (posterior and prior means = the trained weights) and the
-Bayesian model is trained on the ELBO. Both predict the test split and images of two
-digit classes held out of training (out-of-distribution inputs), and a report compares
-their accuracy, calibration and how well their uncertainty flags the unknown digits.
+Bayesian model is trained on the ELBO: ``torchbayes train``'s default recipe, whose
+pre-training is the deterministic model. MC dropout and a 5-member deep ensemble of the
+same architecture are trained like the deterministic one. All predict the test split and
+images of two digit classes held out of training (out-of-distribution inputs), and a
+report compares their accuracy, calibration, how well their uncertainty flags the
+unknown digits, and their training times.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ import torch
 
 from torchbayes.cli.evaluation import ModelEvaluation, describe_data, evaluate_classifier
 from torchbayes.cli.report import Report, comparison_table, write_report
-from torchbayes.cli.training import TrainConfig, build_classifier, train_classifier
+from torchbayes.cli.training import TrainConfig, build_classifier, model_label, train_classifier, train_model
 from torchbayes.datasets import load_dataset
 
-__all__ = ["DemoResult", "demo_configs", "run_demo"]
+__all__ = ["DemoResult", "baseline_configs", "demo_configs", "run_demo"]
 
 
 @dataclass
@@ -47,19 +50,28 @@ def demo_configs(quick: bool = False, seed: int = 0) -> tuple[TrainConfig, Train
         ``(deterministic, bayesian)`` configurations.
     """
     if quick:
-        deterministic = TrainConfig(dataset="digits", model="mlp", ood_classes=(8, 9), bayesian=False,
+        deterministic = TrainConfig(dataset="digits", model="mlp", ood_classes=(8, 9), method="deterministic",
                                     epochs=6, batch_size=64, lr=2e-3, num_samples=16, seed=seed)
         bayesian_epochs = 3
     else:
-        deterministic = TrainConfig(dataset="mnist", model="lenet", ood_classes=(8, 9), bayesian=False,
-                                    epochs=8, batch_size=64, lr=2e-3, num_samples=32, seed=seed)
-        bayesian_epochs = 5
-    # MOPED from the trained weights; flipout decorrelates the examples of a batch, so the
-    # ELBO's gradients are less noisy than with one weight sample shared by the batch.
-    # Prior N(w, 1) around the trained weights (MOPED's empirical Bayes, the reference's sigma).
-    bayesian = replace(deterministic, bayesian=True, estimator="flipout", moped=True, moped_delta=0.1,
-                       prior_sigma=1.0, epochs=bayesian_epochs, lr=1e-3)
+        deterministic = TrainConfig(dataset="mnist", model="lenet", ood_classes=(8, 9), method="deterministic",
+                                    epochs=TrainConfig.pretrain_epochs, batch_size=TrainConfig.batch_size,
+                                    lr=TrainConfig.lr, num_samples=32, seed=seed)
+        bayesian_epochs = TrainConfig.epochs
+    # The recipe (TrainConfig's defaults, docs/quality.md) with the deterministic model as
+    # its pre-training: MOPED from the trained weights, then the ELBO.
+    recipe = TrainConfig()
+    bayesian = replace(deterministic, method="bayesian", estimator=recipe.estimator, moped=True,
+                       moped_delta=recipe.moped_delta, prior_mu=recipe.prior_mu, prior_sigma=recipe.prior_sigma,
+                       bayesian_layers=recipe.bayesian_layers, kl_weight=recipe.kl_weight,
+                       pretrain_epochs=deterministic.epochs, epochs=bayesian_epochs)
     return deterministic, bayesian
+
+
+def baseline_configs(deterministic: TrainConfig, num_members: int = 5) -> tuple[TrainConfig, TrainConfig]:
+    """MC dropout and a deep ensemble of ``num_members``, trained like ``deterministic``."""
+    return (replace(deterministic, method="dropout"),
+            replace(deterministic, method="ensemble", num_members=num_members))
 
 
 def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0, device: torch.device | str = "cpu",
@@ -95,31 +107,42 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, seed: int = 0, device:
                                 moped_source=deterministic.state_dict())
     echo(f"training its Bayesian twin: dnn_to_bnn with MOPED (delta {bayes_config.moped_delta}), "
          f"{bayes_config.estimator} estimator ({bayes_config.epochs} epochs)")
-    bayes_history = train_classifier(bayesian, data, bayes_config, device=device, show_progress=show_progress,
+    bayes_history = train_classifier(bayesian, data, replace(bayes_config, seed=seed + 1), device=device,
+                                     show_progress=show_progress, first_epoch=det_config.epochs + 1,
                                      on_epoch=lambda s: echo("  " + s.line(bayes_config.epochs)))
 
-    echo(f"evaluating (Bayesian: {bayes_config.num_samples} Monte Carlo samples per image)")
-    names = (f"deterministic {det_config.model}", f"Bayesian {det_config.model}")
-    evaluations = [evaluate_classifier(model, data, name=name, num_samples=bayes_config.num_samples,
-                                       device=device, seed=seed, show_progress=show_progress)
-                   for model, name in zip((deterministic, bayesian), names)]
+    configs = {model_label(det_config): det_config, model_label(bayes_config): bayes_config}
+    models = {model_label(det_config): deterministic, model_label(bayes_config): bayesian}
+    histories = {model_label(det_config): det_history,
+                 model_label(bayes_config): det_history + bayes_history}  # pre-training counts
+    for baseline in baseline_configs(det_config, num_members=3 if quick else 5):  # quick: what tests run
+        name = model_label(baseline)
+        echo(f"training the baseline: {name} ({baseline.epochs} epochs)")
+        models[name], histories[name] = train_model(baseline, data, device=device, show_progress=show_progress,
+                                                    on_epoch=lambda s: echo("  " + s.line(det_config.epochs)))
+        configs[name] = baseline
+
+    echo(f"evaluating (Bayesian and MC dropout: {bayes_config.num_samples} Monte Carlo samples per image; "
+         "ensemble: one per member)")
+    evaluations = []
+    for name, model in models.items():
+        evaluation = evaluate_classifier(model, data, name=name, num_samples=bayes_config.num_samples,
+                                         device=device, seed=seed, show_progress=show_progress,
+                                         dropout=configs[name].method == "dropout")
+        evaluation.metrics["train_seconds"] = sum(h.seconds for h in histories[name])
+        evaluations.append(evaluation)
     echo("")
     echo(comparison_table(evaluations))
     echo("")
-    settings = {
-        "data": describe_data(data),
-        "deterministic": det_config.to_dict(),
-        "bayesian": bayes_config.to_dict(),
-        "quick": quick,
-    }
-    summary = (f"A deterministic {det_config.model} and its Bayesian twin (converted with "
-               f"torchbayes.dnn_to_bnn, MOPED-initialised from the deterministic weights, trained on the ELBO) "
-               f"on {data.name} ({len(data.train_x)} training images). Digits {list(data.ood_classes)} were "
-               "never shown to either model: they are the out-of-distribution inputs.")
-    report = write_report(out_dir, evaluations, title=f"torchbayes demo: deterministic vs Bayesian "
-                          f"{det_config.model} on {data.name}", summary=summary, settings=settings,
-                          histories={names[0]: [asdict(h) for h in det_history],
-                                     names[1]: [asdict(h) for h in bayes_history]},
+    settings = {"data": describe_data(data), **{c.method: c.to_dict() for c in configs.values()}, "quick": quick}
+    summary = (f"A deterministic {det_config.model}, its Bayesian twin (torchbayes train's recipe: converted "
+               f"with torchbayes.dnn_to_bnn, MOPED-initialised from the deterministic weights, trained on the "
+               f"ELBO) and two baselines, MC dropout and a deep ensemble, on {data.name} ({len(data.train_x)} "
+               f"training images). Digits {list(data.ood_classes)} were never shown to any model: they are the "
+               "out-of-distribution inputs. The Bayesian model's training time includes its pre-training.")
+    report = write_report(out_dir, evaluations, title=f"torchbayes demo: deterministic, Bayesian, MC dropout "
+                          f"and ensemble {det_config.model} on {data.name}", summary=summary, settings=settings,
+                          histories={name: [asdict(h) for h in history] for name, history in histories.items()},
                           referral=True)
     seconds = time.perf_counter() - start
     echo(f"report: {report.html}  (numbers: {report.json}; {seconds:.0f} s)")

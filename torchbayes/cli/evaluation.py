@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from torchbayes import metrics
 from torchbayes.cli.progress import progress_bar
 from torchbayes.datasets import DatasetSplits
+from torchbayes.ensemble import Ensemble
 from torchbayes.nn.base import iter_bayesian_modules
-from torchbayes.prediction import predict
+from torchbayes.prediction import ClassificationPrediction, predict
 from torchbayes.uncertainty import predictive_entropy
 
 __all__ = ["Predictions", "ModelEvaluation", "describe_data", "predict_dataset", "evaluate_classifier",
@@ -34,6 +35,7 @@ METRIC_LABELS: dict[str, str] = {
     "ood_auroc_entropy": "OOD AUROC by entropy (higher is better)",
     "ood_auroc_mutual_information": "OOD AUROC by mutual information (higher is better)",
     "predict_ms_per_image": "prediction time, ms per image",
+    "train_seconds": "training time, s (pre-training included)",
 }
 
 
@@ -83,9 +85,14 @@ def _is_bayesian(model: nn.Module) -> bool:
     return next(iter_bayesian_modules(model), None) is not None
 
 
+def _samples_predictions(model: nn.Module, dropout: bool) -> bool:
+    """Whether ``model`` predicts with several samples (Bayesian layers, MC dropout, ensemble)."""
+    return dropout or isinstance(model, Ensemble) or _is_bayesian(model)
+
+
 def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch_size: int = 128,
                     device: torch.device | str = "cpu", seed: int = 0, show_progress: bool = True,
-                    desc: str = "predicting") -> Predictions:
+                    desc: str = "predicting", dropout: bool = False) -> Predictions:
     """Predict ``x`` in batches: Monte Carlo for a Bayesian model, one pass otherwise.
 
     Args:
@@ -97,12 +104,14 @@ def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch
         seed: seed of the weight noise (each batch gets ``seed + batch index``).
         show_progress: a progress bar on stderr.
         desc: the bar's label.
+        dropout: MC dropout (``predict(..., dropout=True)``). An :class:`~torchbayes.Ensemble`
+            predicts with its members as the samples.
 
     Returns:
         :class:`Predictions` on the CPU.
     """
     device = torch.device(device)
-    bayesian = _is_bayesian(model)
+    bayesian = _samples_predictions(model, dropout)
     model.eval()
     probs, entropy, mi = [], [], []
     start = time.perf_counter()
@@ -110,7 +119,8 @@ def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch
                                            unit="batch")):
         batch = x[first:first + batch_size].to(device)
         if bayesian:
-            result = predict(model, batch, num_samples, seed=seed + i)
+            result = predict(model, batch, num_samples, seed=seed + i, dropout=dropout)
+            assert isinstance(result, ClassificationPrediction)  # the default task
             probs.append(result.mean.cpu())
             entropy.append(result.predictive_entropy.cpu())
             mi.append(result.mutual_information.cpu())
@@ -126,7 +136,7 @@ def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch
 
 def evaluate_classifier(model: nn.Module, data: DatasetSplits, *, name: str, num_samples: int = 32,
                         batch_size: int = 128, device: torch.device | str = "cpu", seed: int = 0,
-                        show_progress: bool = True) -> ModelEvaluation:
+                        show_progress: bool = True, dropout: bool = False) -> ModelEvaluation:
     """Predict ``data``'s test and OOD inputs and compute every metric of the report.
 
     Metrics (keys of :data:`METRIC_LABELS`): accuracy, NLL, ECE (15 equal-width bins),
@@ -138,19 +148,20 @@ def evaluate_classifier(model: nn.Module, data: DatasetSplits, *, name: str, num
         model: the classifier, in eval mode on ``device``.
         data: the splits.
         name: the model's name in tables and reports.
-        num_samples, batch_size, device, seed, show_progress: see :func:`predict_dataset`.
+        num_samples, batch_size, device, seed, show_progress, dropout: see :func:`predict_dataset`.
 
     Returns:
         A :class:`ModelEvaluation`.
     """
-    bayesian = _is_bayesian(model)
-    kwargs = dict(num_samples=num_samples, batch_size=batch_size, device=device, seed=seed,
-                  show_progress=show_progress)
+    bayesian = _samples_predictions(model, dropout)
+    samples = model.num_members if isinstance(model, Ensemble) and not _is_bayesian(model) else num_samples
+    kwargs: dict[str, Any] = {"num_samples": num_samples, "batch_size": batch_size, "device": device,
+                              "seed": seed, "show_progress": show_progress, "dropout": dropout}
     test = predict_dataset(model, data.test_x, desc=f"{name}: test", **kwargs)
     ood = predict_dataset(model, data.ood_x, desc=f"{name}: OOD", **kwargs) if len(data.ood_x) else None
-    evaluation = ModelEvaluation(name, bayesian, num_samples if bayesian else 1, test, data.test_y, ood)
+    evaluation = ModelEvaluation(name, bayesian, samples if bayesian else 1, test, data.test_y, ood)
     labels = data.test_y
-    values: dict[str, float | None] = {
+    values: dict[str, Tensor | float | None] = {
         "accuracy": metrics.accuracy(test.probs, labels),
         "nll": metrics.negative_log_likelihood(test.probs, labels),
         "ece": metrics.expected_calibration_error(test.probs, labels, 15),
@@ -160,6 +171,7 @@ def evaluate_classifier(model: nn.Module, data: DatasetSplits, *, name: str, num
         "ood_auroc_mutual_information": (metrics.ood_auroc(test.mutual_information, ood.mutual_information)
                                          if ood is not None and bayesian else None),
         "predict_ms_per_image": 1000 * test.seconds / max(1, len(data.test_x)),
+        "train_seconds": None,  # known to the caller (the training history), see the demo
     }
     evaluation.metrics = {k: None if v is None else float(v) for k, v in values.items()}
     return evaluation

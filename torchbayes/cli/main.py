@@ -26,7 +26,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,14 @@ from torchbayes.checkpoint import CheckpointError
 from torchbayes.cli.report import check_report_folder, check_writable_parent
 from torchbayes.cli.training import (
     MAX_SEED,
+    METHODS,
     TrainConfig,
     TrainingDiverged,
     build_classifier,
     load_checkpoint,
+    model_label,
     save_checkpoint,
-    train_classifier,
+    train_model,
     training_warnings,
 )
 from torchbayes.datasets import BUILTIN_DATASETS, TORCHVISION_DATASETS, DatasetSplits, load_image_dataset
@@ -116,6 +118,9 @@ def _number_type(convert: Callable[[str], Any], valid: Callable[[Any], bool],
 
 
 _positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+_non_negative_float = _number_type(float, lambda v: 0 <= v < math.inf, "a finite number >= 0")
+_probability = _number_type(float, lambda v: 0 < v < 1, "a probability in (0, 1)")
 _positive_float = _number_type(float, lambda v: 0 < v < math.inf, "a positive finite number")
 _finite_float = _number_type(float, math.isfinite, "a finite number")
 _seed = _number_type(int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
@@ -201,25 +206,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(train)
     train.add_argument("--model", default="mlp",
                        help="mlp, lenet, or a torchvision classification model name (resnet18, ...)")
+    d = TrainConfig  # every default below is TrainConfig's: the recipe of docs/quality.md
     kind = train.add_mutually_exclusive_group()
-    kind.add_argument("--bayesian", dest="bayesian", action="store_true", default=True,
-                      help="convert the model with dnn_to_bnn and train on the ELBO (default)")
-    kind.add_argument("--deterministic", dest="bayesian", action="store_false", help="plain training")
-    train.add_argument("--estimator", choices=ESTIMATORS, default="reparameterization",
-                       help="Monte Carlo estimator of the Bayesian layers (default reparameterization)")
-    train.add_argument("--prior-mu", type=_finite_float, default=0.0, help="prior mean (default 0)")
-    train.add_argument("--prior-sigma", type=_positive_float, default=1.0, help="prior std (default 1)")
-    train.add_argument("--posterior-rho-init", type=_finite_float, default=-3.0,
-                       help="initial rho, sigma = softplus(rho) (default -3)")
+    kind.add_argument("--method", choices=METHODS, default=d.method,
+                      help=f"bayesian: dnn_to_bnn after deterministic pre-training, trained on the ELBO; "
+                           f"deterministic: plain training; dropout: MC dropout; ensemble: a deep ensemble "
+                           f"(default {d.method})")
+    kind.add_argument("--bayesian", dest="method", action="store_const", const="bayesian",
+                      help="same as --method bayesian")
+    kind.add_argument("--deterministic", dest="method", action="store_const", const="deterministic",
+                      help="same as --method deterministic")
+    train.add_argument("--estimator", choices=ESTIMATORS, default=d.estimator,
+                       help=f"Monte Carlo estimator of the Bayesian layers (default {d.estimator})")
+    train.add_argument("--prior-mu", type=_finite_float, default=d.prior_mu,
+                       help=f"prior mean (default {d.prior_mu:g})")
+    train.add_argument("--prior-sigma", type=_positive_float, default=d.prior_sigma,
+                       help=f"prior std (default {d.prior_sigma:g})")
+    train.add_argument("--posterior-rho-init", type=_finite_float, default=d.posterior_rho_init,
+                       help=f"initial rho without MOPED, sigma = softplus(rho) (default {d.posterior_rho_init:g})")
+    train.add_argument("--pretrain-epochs", type=_non_negative_int, default=d.pretrain_epochs,
+                       help=f"Bayesian: deterministic epochs first, then MOPED from them (default "
+                            f"{d.pretrain_epochs}; 0: from scratch)")
+    train.add_argument("--pretrain-lr", type=_positive_float, default=d.pretrain_lr,
+                       help=f"learning rate of the pre-training (default {d.pretrain_lr:g})")
     train.add_argument("--moped", metavar="CHECKPOINT", default=None,
-                       help="initialise the posterior from this deterministic checkpoint (MOPED)")
-    train.add_argument("--moped-delta", type=_positive_float, default=0.1,
-                       help="MOPED: posterior sigma = delta * |w| (default 0.1)")
-    train.add_argument("--epochs", type=_positive_int, default=10, help="default 10")
-    train.add_argument("--batch-size", type=_positive_int, default=128, help="default 128")
-    train.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    train.add_argument("--num-samples", type=_positive_int, default=32,
-                       help="Monte Carlo samples when evaluating (default 32)")
+                       help="initialise the posterior from this deterministic checkpoint (MOPED) instead "
+                            "of pre-training")
+    train.add_argument("--moped-delta", type=_positive_float, default=d.moped_delta,
+                       help=f"MOPED: posterior sigma = delta * |w| (default {d.moped_delta:g})")
+    train.add_argument("--bayesian-layers", type=_non_negative_int, default=d.bayesian_layers,
+                       help=f"how many of the last weight layers are Bayesian (default {d.bayesian_layers}; "
+                            "0: all)")
+    train.add_argument("--kl-weight", type=_non_negative_float, default=d.kl_weight,
+                       help=f"weight of the KL term of the ELBO (default {d.kl_weight:g})")
+    train.add_argument("--dropout", type=_probability, default=d.dropout,
+                       help=f"--method dropout: dropout probability (default {d.dropout:g})")
+    train.add_argument("--members", type=_positive_int, default=d.num_members,
+                       help=f"--method ensemble: number of members (default {d.num_members})")
+    train.add_argument("--epochs", type=_positive_int, default=d.epochs,
+                       help=f"training epochs (Bayesian: after pre-training; default {d.epochs})")
+    train.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"default {d.batch_size}")
+    train.add_argument("--lr", type=_positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
+    train.add_argument("--num-samples", type=_positive_int, default=d.num_samples,
+                       help=f"Monte Carlo samples when evaluating (default {d.num_samples})")
     train.add_argument("--avuc", action="store_true", help="add the AvUC calibration loss (Bayesian only)")
     train.add_argument("--avuc-beta", type=_positive_float, default=3.0, help="weight of AvUC (default 3)")
     train.add_argument("--out", default=None, help="checkpoint file (default ./torchbayes-<model>.pt)")
@@ -329,16 +358,20 @@ def _load_data(dataset: str, data_root: str | None, image_size: int | None, ood_
 
 def _run_train(args: argparse.Namespace, console: _Console) -> int:
     moped_source = None
+    # A MOPED checkpoint replaces the pre-training; without either, the posterior starts from scratch.
+    pretrain_epochs = 0 if args.moped is not None else args.pretrain_epochs
     with _input_checks():
         config = TrainConfig(
             dataset=args.dataset, data_root=args.data_root, image_size=args.image_size,
-            ood_classes=args.ood_classes or (), model=args.model, bayesian=args.bayesian,
+            ood_classes=args.ood_classes or (), model=args.model, method=args.method,
             estimator=args.estimator, prior_mu=args.prior_mu, prior_sigma=args.prior_sigma,
-            posterior_rho_init=args.posterior_rho_init, moped=args.moped is not None,
-            moped_delta=args.moped_delta, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            posterior_rho_init=args.posterior_rho_init, pretrain_epochs=pretrain_epochs, pretrain_lr=args.pretrain_lr,
+            moped=args.moped is not None or pretrain_epochs > 0, moped_delta=args.moped_delta,
+            bayesian_layers=args.bayesian_layers, kl_weight=args.kl_weight, dropout=args.dropout,
+            num_members=args.members, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             num_samples=args.num_samples, avuc=args.avuc, avuc_beta=args.avuc_beta, seed=args.seed)
-    if args.moped is not None and not args.bayesian:
-        raise BadInput("--moped initialises a Bayesian model; it cannot be combined with --deterministic")
+    if args.moped is not None and not config.bayesian:
+        raise BadInput(f"--moped initialises a Bayesian model; it cannot be combined with --method {config.method}")
     out = _check_output_file(args.out or f"torchbayes-{config.model}.pt", "--out")
     if args.report is not None:
         _check_output_folder(args.report, "--report")
@@ -356,14 +389,13 @@ def _run_train(args: argparse.Namespace, console: _Console) -> int:
                            f"{config.model!r} on this data needs inputs {data.input_shape} and "
                            f"{data.num_classes} classes")
         moped_source = source.model.state_dict()
-    torch.manual_seed(config.seed)
-    with _input_checks("--model"):
-        model = build_classifier(config, data.input_shape, data.num_classes, moped_source=moped_source)
-    kind = "Bayesian" if config.bayesian else "deterministic"
-    console(f"training a {kind} {config.model} on {data.name}: {len(data.train_x)} training, "
-            f"{len(data.test_x)} test, {len(data.ood_x)} held-out images; {config.epochs} epochs")
-    history = train_classifier(model, data, config, device=args.device, show_progress=not args.quiet,
-                               on_epoch=lambda s: console(s.line(config.epochs)))
+    with _input_checks("--model"):  # an unknown or unsuitable architecture fails here, before training
+        build_classifier(replace(config, moped=False), data.input_shape, data.num_classes)
+    epochs = config.epochs + (config.pretrain_epochs if config.bayesian and moped_source is None else 0)
+    console(f"training a {model_label(config)} on {data.name}: {len(data.train_x)} training, "
+            f"{len(data.test_x)} test, {len(data.ood_x)} held-out images; {epochs} epochs")
+    model, history = train_model(config, data, moped_source=moped_source, device=args.device,
+                                 show_progress=not args.quiet, on_epoch=lambda s: console(s.line(epochs)))
     for line in training_warnings(history, data, config):
         print(f"torchbayes train: warning: {line}", file=sys.stderr, flush=True)
     save_checkpoint(out, model.cpu(), config, data.input_shape, data.num_classes, history)
@@ -383,9 +415,12 @@ def _evaluate_and_report(model: nn.Module, config: TrainConfig, data: DatasetSpl
     from torchbayes.cli.evaluation import describe_data, evaluate_classifier
     from torchbayes.cli.report import comparison_table, write_report
 
-    name = f"{'Bayesian' if config.bayesian else 'deterministic'} {config.model}{' INT8' if int8 else ''}"
+    name = f"{model_label(config)}{' INT8' if int8 else ''}"
     evaluation = evaluate_classifier(model, data, name=name, num_samples=num_samples, batch_size=batch_size,
-                                     device=args.device, seed=args.seed, show_progress=not args.quiet)
+                                     device=args.device, seed=args.seed, show_progress=not args.quiet,
+                                     dropout=config.method == "dropout")
+    if history:  # its pre-training included
+        evaluation.metrics["train_seconds"] = float(sum(h.get("seconds", 0.0) for h in history))
     console(comparison_table([evaluation]))
     settings = {"data": describe_data(data), "model": config.to_dict(), "num_samples": num_samples}
     report = write_report(out_dir, [evaluation], title=f"torchbayes: {name} on {data.name}",

@@ -86,11 +86,11 @@ def load_breast_cancer_splits(*, test_fraction: float = 0.3, seed: int = 0) -> D
 
 def medical_configs(quick: bool = False, seed: int = 0) -> tuple[TrainConfig, TrainConfig]:
     """The deterministic and Bayesian training settings (quick: fewer epochs, for tests)."""
-    deterministic = TrainConfig(dataset="breast-cancer", model="mlp", bayesian=False, test_fraction=0.3,
+    deterministic = TrainConfig(dataset="breast-cancer", model="mlp", method="deterministic", test_fraction=0.3,
                                 epochs=8 if quick else 12, batch_size=32, lr=1e-3, num_samples=32 if quick else 64,
                                 seed=seed)
     # MOPED from the trained weights, as in the demo; prior N(w, 1) around them.
-    bayesian = replace(deterministic, bayesian=True, estimator="flipout", moped=True, moped_delta=0.1,
+    bayesian = replace(deterministic, method="bayesian", estimator="flipout", moped=True, moped_delta=0.1,
                        prior_sigma=1.0, epochs=5 if quick else 15)
     return deterministic, bayesian
 

@@ -31,12 +31,14 @@ class LeNet5(nn.Module):
     Args:
         input_shape: ``(C, H, W)`` of one input.
         num_classes: number of outputs (logits).
+        dropout: probability of the ``nn.Dropout`` before each fully connected layer
+            but the first (0: none, the classic network; MC dropout's architecture otherwise).
 
     Shape:
         - Input: ``(B, C, H, W)``. Output: ``(B, num_classes)``.
     """
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
         channels, height, width = input_shape
         pad2 = 2 if min(height, width) // 2 < 12 else 0  # keep >= 1 pixel after pooling
@@ -47,19 +49,25 @@ class LeNet5(nn.Module):
         with torch.device("meta"):  # size of the flattened features, without computing anything
             flat = self.features(torch.empty(1, *input_shape)).numel()
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(flat, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-            nn.Linear(84, num_classes),
+            nn.Flatten(), nn.Linear(flat, 120), nn.ReLU(), *_dropout(dropout), nn.Linear(120, 84), nn.ReLU(),
+            *_dropout(dropout), nn.Linear(84, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
-def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (400, 400)) -> nn.Module:
+def _dropout(p: float) -> list[nn.Module]:
+    # No module at all for p = 0, so the classic networks keep their state_dict keys.
+    return [nn.Dropout(p)] if p > 0 else []
+
+
+def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (400, 400),
+         dropout: float = 0.0) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers += [nn.Linear(width, h), nn.ReLU(), *_dropout(dropout)]
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
@@ -78,9 +86,13 @@ def _torchvision(name: str, input_shape: tuple[int, ...], num_classes: int) -> n
     channels, height, width = input_shape
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is not None and first_conv.in_channels != channels:
+        def pair(size: tuple[int, ...]) -> tuple[int, int]:  # Conv2d stores its sizes as 2-tuples
+            return size[0], size[1]
+
+        padding = first_conv.padding if isinstance(first_conv.padding, str) else pair(first_conv.padding)
         _replace_module(model, first_conv, nn.Conv2d(
-            channels, first_conv.out_channels, first_conv.kernel_size, stride=first_conv.stride,
-            padding=first_conv.padding, dilation=first_conv.dilation, groups=1,
+            channels, first_conv.out_channels, pair(first_conv.kernel_size), stride=pair(first_conv.stride),
+            padding=padding, dilation=pair(first_conv.dilation), groups=1,
             bias=first_conv.bias is not None, padding_mode=first_conv.padding_mode))
     if min(height, width) < _TORCHVISION_MIN_SIDE:
         model = nn.Sequential(nn.Upsample(size=(_TORCHVISION_MIN_SIDE,) * 2, mode="bilinear"), model)
@@ -95,7 +107,7 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 return
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, dropout: float = 0.0) -> nn.Module:
     """A deterministic classifier ``name`` for inputs of ``input_shape``.
 
     Args:
@@ -104,6 +116,9 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
             (``"resnet18"``, ``"mobilenet_v3_small"``, ...), built without pretrained weights.
         input_shape: ``(C, H, W)`` of one input.
         num_classes: number of classes (logits).
+        dropout: for ``mlp`` and ``lenet``, the probability of an ``nn.Dropout`` before
+            each fully connected layer after the first (MC dropout's architecture; 0:
+            none). torchvision models keep their own dropout (if any) and ignore it.
 
     Returns:
         An ``nn.Module`` mapping ``(B, C, H, W)`` to ``(B, num_classes)`` logits. It is
@@ -117,10 +132,12 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     """
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if name == "mlp":
-        model = _mlp(input_shape, num_classes)
+        model = _mlp(input_shape, num_classes, dropout=dropout)
     elif name == "lenet":
-        model = LeNet5(input_shape, num_classes)
+        model = LeNet5(input_shape, num_classes, dropout)
     else:
         try:
             names = _torchvision_names()

@@ -29,12 +29,14 @@ from torchbayes.cli.progress import progress_bar
 from torchbayes.conversion import dnn_to_bnn
 from torchbayes.datasets import DatasetSplits
 from torchbayes.elbo import elbo_loss, kl_divergence
+from torchbayes.ensemble import Ensemble
 from torchbayes.nn import posterior_mean
 from torchbayes.nn.base import canonical_estimator
 from torchbayes.priors import smallest_prior_sigma
 
-__all__ = ["TrainConfig", "EpochSummary", "TrainingDiverged", "build_classifier", "train_classifier",
-           "training_warnings", "accuracy_of", "save_checkpoint", "load_checkpoint", "Checkpoint"]
+__all__ = ["METHODS", "TrainConfig", "EpochSummary", "TrainingDiverged", "build_classifier", "model_label",
+           "train_model", "train_classifier", "training_warnings", "accuracy_of", "save_checkpoint",
+           "load_checkpoint", "Checkpoint"]
 
 #: Bounds of the settings a checkpoint may carry (they are read from files a stranger may write).
 MAX_TEXT = 4096
@@ -43,6 +45,10 @@ MAX_EPOCHS = 10**6
 MAX_CLASSES = 100_000
 MAX_SIDE = 65_536
 MAX_HISTORY = 10**6
+
+
+#: What ``torchbayes train --method`` trains (see :class:`TrainConfig`).
+METHODS: tuple[str, ...] = ("bayesian", "deterministic", "dropout", "ensemble")
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,7 +97,16 @@ class TrainConfig:
         dataset, data_root, image_size, ood_classes, test_fraction: the data, see
             :func:`torchbayes.datasets.load_image_dataset`.
         model: architecture name, see :func:`torchbayes.cli.models.build_model`.
-        bayesian: convert the architecture with ``dnn_to_bnn`` and train on the ELBO.
+        method: what is trained (:data:`METHODS`): ``"bayesian"`` (``dnn_to_bnn`` and the
+            ELBO, after ``pretrain_epochs`` of deterministic training that MOPED starts
+            from), ``"deterministic"``, ``"dropout"`` (the architecture with dropout
+            ``p = dropout`` before its fully connected layers, predicted by MC dropout) or
+            ``"ensemble"`` (``num_members`` networks from different initialisations, a
+            :class:`torchbayes.Ensemble`).
+        pretrain_epochs: deterministic epochs before the conversion (Bayesian; 0: none).
+        pretrain_lr: their Adam learning rate (``lr`` is the main training's).
+        bayesian_layers: how many of the last weight layers are Bayesian (0: all).
+        kl_weight: multiplier of the KL term of the ELBO (1: the ELBO; < 1 tempers it).
         estimator, prior_mu, prior_sigma, posterior_rho_init: conversion settings (the
             reference's ``bnn_prior_parameters`` dictionary).
         moped, moped_delta: initialise the posterior from a deterministic model (MOPED,
@@ -107,16 +122,25 @@ class TrainConfig:
     ood_classes: tuple[int, ...] = ()
     test_fraction: float = 0.25
     model: str = "mlp"
-    bayesian: bool = True
-    estimator: str = "reparameterization"
+    # The defaults are the recommended recipe, chosen by benchmarks/sweep_recipe.py on a
+    # validation split (docs/quality.md): 10 deterministic epochs, then MOPED into
+    # flipout layers for the fully connected head, 3 epochs on the ELBO.
+    method: str = "bayesian"
+    pretrain_epochs: int = 10
+    pretrain_lr: float = 2e-3
+    bayesian_layers: int = 3
+    kl_weight: float = 1.0
+    dropout: float = 0.25
+    num_members: int = 5
+    estimator: str = "flipout"
     prior_mu: float = 0.0
     prior_sigma: float = 1.0
     posterior_rho_init: float = -3.0
-    moped: bool = False
-    moped_delta: float = 0.1
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 1e-3
+    moped: bool = True
+    moped_delta: float = 0.3
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 2e-3
     num_samples: int = 32
     avuc: bool = False
     avuc_beta: float = 3.0
@@ -132,7 +156,7 @@ class TrainConfig:
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         _check_range("epochs", self.epochs, 1, MAX_EPOCHS)
-        for name in ("lr", "prior_sigma", "moped_delta", "avuc_beta"):
+        for name in ("lr", "pretrain_lr", "prior_sigma", "moped_delta", "avuc_beta"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -153,9 +177,23 @@ class TrainConfig:
             if text is not None and not (0 < len(text) <= MAX_TEXT and "\0" not in text):
                 raise ValueError(f"{name} must be a non-empty text of at most {MAX_TEXT} characters, "
                                  f"got {_show(text)}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {_show(self.method)}")
+        _check_range("pretrain_epochs", self.pretrain_epochs, 0, MAX_EPOCHS)
+        _check_range("bayesian_layers", self.bayesian_layers, 0, MAX_EPOCHS)
+        _check_range("num_members", self.num_members, 1, 1000)
+        if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {self.kl_weight!r}")
+        if not 0 < self.dropout < 1:
+            raise ValueError(f"dropout must be in (0, 1), got {self.dropout!r}")
         self.estimator = canonical_estimator(self.estimator)
         if self.avuc and not self.bayesian:
             raise ValueError("avuc needs a Bayesian model (its uncertainty comes from weight samples)")
+
+    @property
+    def bayesian(self) -> bool:
+        """``method == "bayesian"``: the model has Bayesian layers."""
+        return self.method == "bayesian"
 
     def prior_parameters(self) -> dict[str, Any]:
         """The reference's ``bnn_prior_parameters`` dictionary for :func:`torchbayes.dnn_to_bnn`."""
@@ -174,6 +212,12 @@ class TrainConfig:
         """The settings of :meth:`to_dict`; unknown keys and bad values raise ``ValueError``."""
         if not isinstance(data, Mapping):
             raise ValueError(f"config must be a dict, got {type(data).__name__}")
+        if "bayesian" in data:  # checkpoints written before ``method`` existed: bayesian = True/False
+            legacy = data["bayesian"]
+            data = {k: v for k, v in data.items() if k != "bayesian"}
+            if not isinstance(legacy, bool):
+                raise ValueError(f"bayesian must be true or false, got {_show(legacy)}")
+            data.setdefault("method", "bayesian" if legacy else "deterministic")
         known = {f.name for f in fields(cls)}
         unknown = sorted(str(k)[:40] for k in data if k not in known)
         if unknown:
@@ -216,6 +260,14 @@ def build_classifier(config: TrainConfig, input_shape: tuple[int, ...], num_clas
     Returns:
         The model on the CPU.
     """
+    if config.method == "ensemble":
+        return Ensemble([build_model(config.model, input_shape, num_classes) for _ in range(config.num_members)])
+    if config.method == "dropout":
+        model = build_model(config.model, input_shape, num_classes, dropout=config.dropout)
+        if not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
+            raise ValueError(f"method 'dropout' needs dropout layers: model {config.model!r} has none (use mlp, "
+                             "lenet or a torchvision model with dropout, e.g. mobilenet_v3_small)")
+        return model
     model = build_model(config.model, input_shape, num_classes)
     if not config.bayesian:
         return model
@@ -227,7 +279,60 @@ def build_classifier(config: TrainConfig, input_shape: tuple[int, ...], num_clas
         except RuntimeError as e:
             raise CheckpointError(f"the MOPED source does not fit model {config.model!r} for inputs "
                                   f"{tuple(input_shape)} and {num_classes} classes: {_first_line(e)}") from e
-    return dnn_to_bnn(model, config.prior_parameters())
+    return dnn_to_bnn(model, config.prior_parameters(), include=_last_weight_layers(model, config.bayesian_layers))
+
+
+def model_label(config: TrainConfig) -> str:
+    """How reports name the model ``config`` trains, e.g. ``"Bayesian lenet"``."""
+    kind = {"bayesian": "Bayesian", "deterministic": "deterministic", "dropout": "MC dropout",
+            "ensemble": f"{config.num_members}-member ensemble of"}[config.method]
+    return f"{kind} {config.model}"
+
+
+def _last_weight_layers(model: nn.Module, count: int) -> list[str] | None:
+    """Qualified names of the last ``count`` layers ``dnn_to_bnn`` converts (``None``: all)."""
+    if count == 0:
+        return None
+    names = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    return names[-count:]
+
+
+def train_model(config: TrainConfig, data: DatasetSplits, *, moped_source: dict[str, Tensor] | None = None,
+                device: torch.device | str = "cpu", show_progress: bool = True,
+                on_epoch: Callable[[EpochSummary], None] | None = None) -> tuple[nn.Module, list[EpochSummary]]:
+    """Build and train the model ``config`` describes, whatever its method.
+
+    A Bayesian model with ``pretrain_epochs`` is trained in two phases: the
+    deterministic architecture first (cross-entropy, same optimiser settings), then its
+    MOPED conversion on the ELBO for ``epochs`` (the recipe of ``docs/quality.md``).
+
+    Args:
+        config: the run's settings.
+        data: the splits.
+        moped_source: a trained deterministic twin's state_dict to start MOPED from
+            (instead of pre-training).
+        device: where to train.
+        show_progress: progress bars on stderr.
+        on_epoch: called with each epoch's summary, pre-training included.
+
+    Returns:
+        The trained model (in eval mode, on ``device``) and every epoch's summary.
+    """
+    torch.manual_seed(config.seed)
+    history: list[EpochSummary] = []
+    if config.bayesian and config.pretrain_epochs and moped_source is None:
+        pretrain = replace(config, method="deterministic", epochs=config.pretrain_epochs, lr=config.pretrain_lr,
+                           avuc=False)
+        deterministic = build_classifier(pretrain, data.input_shape, data.num_classes)
+        history = train_classifier(deterministic, data, pretrain, device=device, show_progress=show_progress,
+                                   on_epoch=on_epoch)
+        moped_source = {k: v.cpu() for k, v in deterministic.state_dict().items()}
+    model = build_classifier(config, data.input_shape, data.num_classes, moped_source=moped_source)
+    # A different seed for the second phase: its data order should not replay the first's.
+    phase = replace(config, seed=config.seed + 1) if history else config
+    history += train_classifier(model, data, phase, device=device, show_progress=show_progress,
+                                on_epoch=on_epoch, first_epoch=len(history) + 1)
+    return model, history
 
 
 def _first_line(error: BaseException) -> str:
@@ -243,6 +348,8 @@ def accuracy_of(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device:
     with torch.no_grad(), posterior_mean(model):
         for start in range(0, len(x), batch_size):
             logits = model(x[start:start + batch_size].to(device))
+            if isinstance(model, Ensemble):
+                logits = _ensemble_logits(logits)
             correct += int((logits.argmax(-1).cpu() == y[start:start + batch_size]).sum())
     model.train(was_training)
     return correct / max(1, len(x))
@@ -250,12 +357,16 @@ def accuracy_of(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device:
 
 def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig, *,
                      device: torch.device | str = "cpu", show_progress: bool = True,
-                     on_epoch: Callable[[EpochSummary], None] | None = None) -> list[EpochSummary]:
+                     on_epoch: Callable[[EpochSummary], None] | None = None,
+                     first_epoch: int = 1) -> list[EpochSummary]:
     """Train ``model`` in place with Adam on ``data``'s training split.
 
     Deterministic models minimise the cross-entropy; Bayesian ones the negative ELBO
-    per example (:func:`torchbayes.elbo_loss`, one weight sample per step), plus
-    ``avuc_beta`` times the AvUC loss when ``config.avuc``.
+    per example (:func:`torchbayes.elbo_loss`, one weight sample per step, the KL
+    weighted by ``config.kl_weight``), plus ``avuc_beta`` times the AvUC loss when
+    ``config.avuc``. An :class:`~torchbayes.Ensemble` minimises the sum of its members'
+    cross-entropies: each member gets exactly its own gradient (Adam is per parameter),
+    so this is ``M`` independent trainings in one loop.
 
     Args:
         model: the classifier (moved to ``device``).
@@ -264,6 +375,7 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
         device: where to train.
         show_progress: a progress bar per epoch on stderr.
         on_epoch: called with each epoch's summary (e.g. to print it).
+        first_epoch: number of the first epoch (after a pre-training phase).
 
     Returns:
         One :class:`EpochSummary` per epoch.
@@ -279,19 +391,26 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
     # model's training-set uncertainties, then from each epoch's (uncertainty_threshold).
     threshold = _initial_avuc_threshold(model, data, config, device) if avuc is not None else 0.0
     history = []
-    for epoch in range(1, config.epochs + 1):
+    last_epoch = first_epoch + config.epochs - 1
+    members = model.num_members if isinstance(model, Ensemble) else 0
+    for epoch in range(first_epoch, last_epoch + 1):
         start = time.perf_counter()
         order = torch.randperm(num_train, generator=generator)
         totals = {"loss": 0.0, "nll": 0.0, "avuc": 0.0, "correct": 0.0}
         seen_uncertainty, seen_correct = [], []
         batches = range(0, num_train, config.batch_size)
-        for step, first in enumerate(progress_bar(batches, desc=f"epoch {epoch}/{config.epochs}",
+        for step, first in enumerate(progress_bar(batches, desc=f"epoch {epoch}/{last_epoch}",
                                                   enabled=show_progress, unit="batch"), 1):
             idx = order[first:first + config.batch_size]
             x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
             logits = model(x)
-            nll = F.cross_entropy(logits, y)
-            loss = elbo_loss(nll, model, num_train) if bayesian else nll
+            if members:  # (M, B, C): the members' mean NLL; their sum is the loss
+                nll = F.cross_entropy(logits.flatten(0, 1), y.repeat(members))
+                loss = nll * members
+                logits = _ensemble_logits(logits)
+            else:
+                nll = F.cross_entropy(logits, y)
+                loss = elbo_loss(nll, model, num_train, kl_weight=config.kl_weight) if bayesian else nll
             if avuc is not None:
                 avuc_term = avuc(logits, y, threshold)
                 loss = loss + avuc_term
@@ -326,6 +445,11 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
             on_epoch(summary)
     model.eval()
     return history
+
+
+def _ensemble_logits(member_logits: Tensor) -> Tensor:
+    """Log of the members' mean probabilities, ``(B, C)``, from their logits ``(M, B, C)``."""
+    return torch.logsumexp(F.log_softmax(member_logits, -1), 0) - math.log(member_logits.shape[0])
 
 
 def _likely_cause(config: TrainConfig) -> str:
@@ -459,8 +583,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     elif config.bayesian:
         # rebuild() replays the recorded dnn_to_bnn call, then loads weights and priors.
         model = checkpoint.rebuild(path, build_model(config.model, input_shape, num_classes))
-    else:
-        model = build_model(config.model, input_shape, num_classes)
+    else:  # deterministic, dropout or ensemble: the same architecture, then its weights
+        model = build_classifier(config, input_shape, num_classes)
         checkpoint.load_checkpoint(path, model)
     model.eval()
     return Checkpoint(model, config, input_shape, num_classes, history, int8)
