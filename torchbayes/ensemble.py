@@ -116,7 +116,7 @@ class Ensemble(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Every member's output for ``x``, stacked: ``(M, B, *out)``."""
-        if self.loop_reason() is None:
+        if self.loop_reason() is None and not self._loop_for_gradients(x):
             try:
                 params, buffers = self._stacked_state()
                 return self._vmapped()(params, buffers, x)
@@ -125,6 +125,15 @@ class Ensemble(nn.Module):
                 # below re-raises any error that is not vmap's.
                 self._vmap_failed = True
         return self.loop_forward(x)
+
+    def _loop_for_gradients(self, x: Tensor) -> bool:
+        # Measured (benchmarks/bench_ensemble.py, docs/quality.md): on the CPU the vmapped
+        # backward of convolutions (grouped convolutions) is slower than a loop over the
+        # members, so training steps of convolutional members loop; fully connected ones
+        # gain from vmap and keep it.
+        if x.device.type != "cpu" or not torch.is_grad_enabled():
+            return False
+        return any(isinstance(m, nn.modules.conv._ConvNd) for m in self.members[0].modules())
 
     def loop_forward(self, x: Tensor) -> Tensor:
         """The members run one after the other (the fallback, and the reference of tests)."""
@@ -231,8 +240,9 @@ def fit_ensemble(ensemble: Ensemble, inputs: Tensor, targets: Tensor, *, loss: L
         lr: Adam's learning rate.
         weight_decay: Adam's weight decay.
         seed: seeds the members' data orders.
-        vectorize: ``None`` (vectorize when possible), ``True`` (required: error otherwise)
-            or ``False`` (train one member after the other).
+        vectorize: ``None`` (vectorize when possible, except convolutional members on the
+            CPU, which train faster in a loop), ``True`` (required: error otherwise) or
+            ``False`` (train one member after the other).
 
     Returns:
         The members' mean training loss of each epoch.
@@ -262,7 +272,8 @@ def fit_ensemble(ensemble: Ensemble, inputs: Tensor, targets: Tensor, *, loss: L
     # Every member's data order, drawn up front so both paths see the same minibatches.
     orders = torch.stack([torch.randperm(num, generator=generator) for _ in range(epochs * ensemble.num_members)])
     orders = orders.view(epochs, ensemble.num_members, num).to(inputs.device)
-    if reason is None and vectorize is not False:
+    # Default: vectorized, except where a loop is measured faster (convolutions on the CPU).
+    if reason is None and (vectorize or (vectorize is None and not ensemble._loop_for_gradients(inputs))):
         history = _fit_vectorized(ensemble, inputs, targets, orders, loss, batch_size, lr, weight_decay)
     else:
         history = _fit_loop(ensemble, inputs, targets, orders, loss, batch_size, lr, weight_decay)

@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Monte Carlo samples (default: the checkpoint's)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=128,
                           help="inputs per prediction call (default 128)")
+    evaluate.add_argument("--prediction", choices=("mc", "moments"), default="mc",
+                          help="how a Bayesian model predicts: mc (Monte Carlo samples, default) or moments "
+                               "(one pass propagating means and variances; see docs/moments.md)")
     evaluate.add_argument("--out", default="torchbayes-report", help="report folder (default ./torchbayes-report)")
     _add_common(evaluate)
 
@@ -411,14 +414,19 @@ def _run_train(args: argparse.Namespace, console: _Console) -> int:
 
 def _evaluate_and_report(model: nn.Module, config: TrainConfig, data: DatasetSplits, *,
                          history: Sequence[Mapping[str, Any]], out_dir: str, num_samples: int, batch_size: int,
-                         args: argparse.Namespace, console: _Console, int8: bool = False) -> None:
+                         args: argparse.Namespace, console: _Console, int8: bool = False,
+                         prediction: str = "mc") -> None:
     from torchbayes.cli.evaluation import describe_data, evaluate_classifier
     from torchbayes.cli.report import comparison_table, write_report
+    from torchbayes.prediction.moments import UnsupportedOperationError
 
-    name = f"{model_label(config)}{' INT8' if int8 else ''}"
-    evaluation = evaluate_classifier(model, data, name=name, num_samples=num_samples, batch_size=batch_size,
-                                     device=args.device, seed=args.seed, show_progress=not args.quiet,
-                                     dropout=config.method == "dropout")
+    name = f"{model_label(config)}{' INT8' if int8 else ''}{' (moments)' if prediction == 'moments' else ''}"
+    try:
+        evaluation = evaluate_classifier(model, data, name=name, num_samples=num_samples, batch_size=batch_size,
+                                         device=args.device, seed=args.seed, show_progress=not args.quiet,
+                                         dropout=config.method == "dropout", prediction=prediction)
+    except UnsupportedOperationError as e:  # the model cannot propagate moments: the user's choice
+        raise BadInput(f"--prediction moments: {e}") from e
     if history:  # its pre-training included
         evaluation.metrics["train_seconds"] = float(sum(h.get("seconds", 0.0) for h in history))
     console(comparison_table([evaluation]))
@@ -435,6 +443,10 @@ def _run_evaluate(args: argparse.Namespace, console: _Console) -> int:
     with _input_checks("checkpoint"):
         ckpt = load_checkpoint(args.checkpoint)
     config = ckpt.config
+    if args.prediction == "moments" and (ckpt.int8 or config.method != "bayesian"):
+        what = "an INT8 model" if ckpt.int8 else f"a {model_label(config)} model"
+        raise BadInput(f"--prediction moments propagates the moments of float Bayesian layers; checkpoint "
+                       f"{args.checkpoint!r} holds {what} (use --prediction mc)")
     dataset, data_root = _data_source(args, config)
     same_data = args.dataset is None
     data = _load_data(dataset, data_root, args.image_size or config.image_size,
@@ -448,7 +460,7 @@ def _run_evaluate(args: argparse.Namespace, console: _Console) -> int:
     model = ckpt.model.to(args.device)
     _evaluate_and_report(model, config, data, history=ckpt.history, out_dir=args.out,
                          num_samples=args.num_samples or config.num_samples, batch_size=args.batch_size,
-                         args=args, console=console, int8=ckpt.int8)
+                         args=args, console=console, int8=ckpt.int8, prediction=args.prediction)
     return EXIT_OK
 
 

@@ -140,7 +140,7 @@ class TrainConfig:
     moped_delta: float = 0.3
     epochs: int = 3
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     num_samples: int = 32
     avuc: bool = False
     avuc_beta: float = 3.0
