@@ -330,11 +330,23 @@ COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc_entropy", "ood_auroc_mi
            "rmse", "test_ll", "train_s", "predict_ms_per_input")
 
 
-def table(path: Path) -> str:
-    """Markdown tables (one per task): mean ± std over seeds."""
+TIMES = ("train_s", "predict_ms_per_input")
+
+
+def table(path: Path, times: Path | None = None) -> str:
+    """Markdown tables (one per task): mean ± std over seeds.
+
+    With ``times``, the time columns come from that file's rows (runs under the CPU lock)
+    and the quality columns from ``path`` (runs that may have shared the CPU).
+    """
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in map(json.loads, path.read_text().splitlines()):
+        if times is not None:
+            r = {k: v for k, v in r.items() if k not in TIMES}
         rows.setdefault(r["task"], {}).setdefault(r["method"], []).append(r)
+    if times is not None and times.exists():
+        for r in map(json.loads, times.read_text().splitlines()):
+            rows.setdefault(r["task"], {}).setdefault(r["method"], []).append({k: r[k] for k in TIMES})
     out = []
     for task, methods in rows.items():
         columns = [c for c in COLUMNS if any(r.get(c) is not None for rs in methods.values() for r in rs)]
@@ -353,7 +365,8 @@ def table(path: Path) -> str:
                 digits = 1 if c in ("train_s",) else 3 if c in ("rmse", "test_ll", "predict_ms_per_input") else 4
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 cells.append(f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}")
-            out.append(f"| {method} | {len(records)} | " + " | ".join(cells) + " |")
+            seeds = len({r["seed"] for r in records if "seed" in r})
+            out.append(f"| {method} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -366,9 +379,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="print the tables of --out and exit")
+    parser.add_argument("--times", type=Path, default=None,
+                        help="with --table: take the time columns from this file (runs under the CPU lock)")
     args = parser.parse_args()
     if args.table:
-        print(table(args.out))
+        print(table(args.out, args.times))
         return
     import sys
 

@@ -4,16 +4,20 @@ initialisations, whose disagreement is the epistemic uncertainty.
 :class:`Ensemble` holds the members and computes their outputs ``(M, B, ...)`` in one
 vectorized pass when they share one architecture: the members' parameters are stacked
 (:func:`torch.func.stack_module_state`) and one copy of the architecture is run under
-:func:`torch.vmap` with :func:`torch.func.functional_call`, so ``M`` small forwards cost
-about one. :func:`torchbayes.predict` on an ensemble returns the same result object as
-Monte Carlo prediction: the members are the samples, their disagreement the mutual
-information. :func:`fit_ensemble` trains all members in the same vectorized way.
+:func:`torch.vmap` with :func:`torch.func.functional_call`, so the ``M`` forwards run as
+one batched pass (what it saves depends on the layers: fully connected members gain, on
+the CPU convolutional ones about break even, see ``docs/quality.md``).
+:func:`torchbayes.predict` on an ensemble returns the same result object as Monte Carlo
+prediction: the members are the samples, their disagreement the mutual information.
+:func:`fit_ensemble` trains all members in the same vectorized way.
 
 Loop fallback: members are run one after the other when they differ in architecture
 (parameter names, shapes or dtypes), hold Bayesian layers, contain BatchNorm in training
 mode (vmap cannot update running statistics in place), or when vmap fails on their
-``forward`` (data-dependent control flow, ``.item()``...). Loop and vectorized results
-are equal (see the tests). Members on different devices are an error.
+``forward`` (data-dependent control flow, ``.item()``...); training steps of
+convolutional members on the CPU also loop (measured faster there than the vmapped
+backward). Loop and vectorized results are equal (see the tests). Members on different
+devices are an error.
 """
 
 from __future__ import annotations
