@@ -1,74 +1,88 @@
-"""32-sample Monte Carlo prediction: torchbayes.predict vs the reference's loop.
+"""32-sample Monte Carlo prediction: torchbayes.predict vs the reference's loop and plain forwards.
 
-Compares, in one process with 2 threads, for an MLP 784-400-400-10 and LeNet-5 on
-1x28x28 inputs, batch 1 and batch 256:
+Cases (select with ``--cases``; all by default):
+
+* ``mlp``, ``lenet``: MLP 784-400-400-10 and LeNet-5 on 1x28x28 inputs, every layer
+  Bayesian, batch 1 and 256;
+* ``lenet1000``: LeNet-5 at batch 1,000;
+* ``resnet-fc``, ``resnet-layer4``, ``resnet-full``: torchvision ``resnet18(num_classes=10)``
+  on 3x32x32 inputs, batch 64, converted with ``include=["fc"]`` (last-layer Bayesian),
+  ``include=["layer4", "fc"]``, or entirely.
+
+Variants, in ONE process with 2 threads, interleaved in rounds so that a load change on
+the machine hits all of them alike:
 
 * ``torchbayes``: ``torchbayes.predict(model, x, 32)`` (samples, probabilities and the
   full uncertainty decomposition);
-* ``ref reparam`` / ``ref flipout``: the reference README's loop over 32 forward passes
-  (softmax, stack) of the same architecture converted by the reference's ``dnn_to_bnn``;
-* ``32 x deterministic``: 32 forward passes of the deterministic network.
+* ``ref loop``: the reference README's loop over 32 forward passes (softmax, stack) of
+  the same architecture with the same layers converted by bayesian-torch 0.5.0's
+  ``dnn_to_bnn`` (reparameterization; ``ref flipout`` too for the MLP and LeNet);
+* ``1 x det`` / ``32 x det``: one / 32 forward passes of the deterministic network.
 
-The variants run round-robin, so a load change on the machine hits all of them alike;
-the table shows medians and the ratios the issue's targets are stated in.
+The table shows medians (ms) and the ratios the bars of issue 14 are stated in.
 
-Usage: ``python benchmarks/bench_predict.py [--repeats 15] [--chunk-size N]``
+Usage: ``python benchmarks/bench_predict.py [--repeats 7] [--cases resnet-fc,lenet1000] [--chunk-size N]``
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from harness import lenet, markdown_table, mlp, time_interleaved
 from torch import nn
 
 import torchbayes
-from torchbayes.nn import BayesConv2d, BayesLinear
 
 NUM_SAMPLES = 32
+REFERENCE_PRIOR = {"prior_mu": 0.0, "prior_sigma": 1.0, "posterior_mu_init": 0.0, "posterior_rho_init": -3.0,
+                   "moped_enable": False, "moped_delta": 0.5}
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(),
-                         nn.Linear(400, 10))
+def resnet18() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)
 
 
-def lenet() -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 120), nn.ReLU(), nn.Linear(120, 84),
-                         nn.ReLU(), nn.Linear(84, 10))
+# name -> (architecture, input shape per example, batch sizes, include= of the conversion)
+CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], tuple[int, ...], list[str] | None]] = {
+    "mlp": (mlp, (1, 28, 28), (1, 256), None),
+    "lenet": (lenet, (1, 28, 28), (1, 256), None),
+    "lenet1000": (lenet, (1, 28, 28), (1000,), None),
+    "resnet-fc": (resnet18, (3, 32, 32), (64,), ["fc"]),
+    "resnet-layer4": (resnet18, (3, 32, 32), (64,), ["layer4", "fc"]),
+    "resnet-full": (resnet18, (3, 32, 32), (64,), None),
+}
 
 
-def bayesian_twin(model: nn.Module) -> nn.Module:
-    """The model with every Linear / Conv2d replaced by its torchbayes twin (means = weights)."""
-    twin = copy.deepcopy(model)
-    for name, child in list(twin.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(twin, name, BayesLinear.from_torch(child))
-        elif isinstance(child, nn.Conv2d):
-            setattr(twin, name, BayesConv2d.from_torch(child))
-    return twin
-
-
-def reference_model(model: nn.Module, kind: str) -> nn.Module | None:
+def reference_model(det: nn.Module, include: list[str] | None, kind: str) -> nn.Module | None:
+    """``det`` with the ``include``d submodules (all if None) converted by the reference."""
     try:
         from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn
     except ImportError:
         return None
-    ref = copy.deepcopy(model)
-    dnn_to_bnn(ref, {"prior_mu": 0.0, "prior_sigma": 1.0, "posterior_mu_init": 0.0,
-                     "posterior_rho_init": -3.0, "type": kind, "moped_enable": False})
-    return ref
+    ref = copy.deepcopy(det)
+    params = {**REFERENCE_PRIOR, "type": kind}
+    for name in include or [""]:
+        # The reference converts the children of the module it is given: hand it a holder.
+        holder = nn.Module()
+        parent, _, leaf = name.rpartition(".")
+        owner = ref.get_submodule(parent)
+        if name:
+            holder.add_module("m", owner.get_submodule(leaf))
+            dnn_to_bnn(holder, params)
+            setattr(owner, leaf, holder.m)
+        else:
+            dnn_to_bnn(ref, params)
+    return ref.eval()
 
 
 def reference_loop(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The reference README's Monte Carlo prediction loop."""
-    model.eval()
     with torch.no_grad():
         output_mc = []
         for _ in range(NUM_SAMPLES):
@@ -77,57 +91,62 @@ def reference_loop(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.stack(output_mc)
 
 
-def deterministic_loop(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
+def deterministic(model: nn.Module, x: torch.Tensor, passes: int) -> torch.Tensor:
     with torch.no_grad():
-        return torch.stack([model(x) for _ in range(NUM_SAMPLES)])
+        return torch.stack([model(x) for _ in range(passes)])
 
 
-def time_round_robin(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median milliseconds per call, variants interleaved."""
-    for fn in variants.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+def _variants(ours: nn.Module, det: nn.Module, refs: dict[str, nn.Module | None], x: torch.Tensor,
+              chunk_size: int | None) -> dict[str, Callable[[], object]]:
+    variants: dict[str, Callable[[], object]] = {
+        "torchbayes": lambda: torchbayes.predict(ours, x, NUM_SAMPLES, chunk_size=chunk_size),
+        "1 x det": lambda: deterministic(det, x, 1),
+        "32 x det": lambda: deterministic(det, x, NUM_SAMPLES),
+    }
+    for kind, ref in refs.items():
+        if ref is not None:
+            variants[f"ref {kind.lower()[:7]}"] = lambda ref=ref: reference_loop(ref, x)
+    return variants
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median over them)")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--chunk-size", type=int, default=None, help="predict's chunk_size (default: auto)")
     args = parser.parse_args()
+    cases = args.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown {unknown}; choose from {list(CASES)}")
     torch.set_num_threads(2)
-    torch.manual_seed(0)
     rows = []
-    for arch_name, build in (("MLP 784-400-400-10", mlp), ("LeNet-5", lenet)):
+    for case in cases:
+        build, shape, batches, include = CASES[case]
+        torch.manual_seed(0)
         det = build().eval()
-        ours = bayesian_twin(det)
-        refs = {kind: reference_model(det, kind) for kind in ("Reparameterization", "Flipout")}
-        for batch in (1, 256):
-            x = torch.rand(batch, 1, 28, 28)
-            variants: dict[str, Callable[[], object]] = {
-                "torchbayes": lambda: torchbayes.predict(ours, x, NUM_SAMPLES, chunk_size=args.chunk_size),
-                "32 x deterministic": lambda: deterministic_loop(det, x),
-            }
-            for kind, ref in refs.items():
-                if ref is not None:
-                    variants[f"ref {kind.lower()[:7]}"] = lambda ref=ref: reference_loop(ref, x)
-            rows.append((arch_name, batch, time_round_robin(variants, args.repeats)))
+        ours = torchbayes.dnn_to_bnn(copy.deepcopy(det), include=include).eval()
+        kinds = ("Reparameterization", "Flipout") if case in ("mlp", "lenet") else ("Reparameterization",)
+        refs = {kind: reference_model(det, include, kind) for kind in kinds}
+        for batch in batches:
+            variants = _variants(ours, det, refs, torch.rand(batch, *shape), args.chunk_size)
+            # Expensive calls: one call per round, medians over the rounds.
+            t = time_interleaved(variants, rounds=args.repeats, iters=1, warmup=1)
+            rows.append((case, batch, t))
+            print(f"{case} batch {batch}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in t.items()), flush=True)
 
-    print(f"32-sample prediction, median ms over {args.repeats} runs, torch {torch.__version__}, 2 threads\n")
-    print("| model | batch | torchbayes | ref reparam. loop | ref flipout loop | 32 x deterministic "
-          "| speed-up vs ref reparam. / flipout | vs deterministic |")
-    print("|---|---|---|---|---|---|---|---|")
-    for arch_name, batch, t in rows:
-        ours_ms = t["torchbayes"]
-        ref_r, ref_f = t.get("ref reparam", float("nan")), t.get("ref flipout", float("nan"))
-        print(f"| {arch_name} | {batch} | {ours_ms:.2f} | {ref_r:.2f} | {ref_f:.2f} | {t['32 x deterministic']:.2f} "
-              f"| {ref_r / ours_ms:.1f}x / {ref_f / ours_ms:.1f}x | {ours_ms / t['32 x deterministic']:.2f}x time |")
+    print(f"\n32-sample prediction, median ms over {args.repeats} interleaved rounds, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads\n")
+    nan = float("nan")
+    table = []
+    for case, batch, t in rows:
+        ours = t["torchbayes"]
+        ref_r, ref_f = t.get("ref reparam", nan), t.get("ref flipout", nan)
+        table.append([case, batch, ours, ref_r, ref_f, t["1 x det"], t["32 x det"],
+                      f"{ref_r / ours:.1f}x" + (f" / {ref_f / ours:.1f}x" if ref_f == ref_f else ""),
+                      f"{ours / t['1 x det']:.2f}x", f"{ours / t['32 x det']:.2f}x"])
+    print(markdown_table(["case", "batch", "torchbayes", "ref reparam. loop", "ref flipout loop", "1 x det",
+                          "32 x det", "speed-up vs ref", "time / 1 det", "time / 32 det"], table))
 
 
 if __name__ == "__main__":

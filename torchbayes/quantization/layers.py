@@ -295,7 +295,7 @@ class QuantizedBayesLinear(QuantizedBayesianModule):
             return self._forward_weight_draws(input, g, groups.is_shared(input))
         if groups.is_shared(input):
             rows = input.shape[0] // g
-            mean, std = groups.shared_result(self, rows, lambda: self._moments(input[:rows]))
+            mean, std = groups.shared_result(self, input, lambda: self._moments(input[:rows]))
             out = torch.addcmul(mean, std, noise.randn((g, 1, self.out_features), mean))
             out = out.view(input.shape[0], self.out_features)
             return out.clamp_min_(0.0) if self.fused_relu else out
@@ -466,7 +466,7 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
         n = x.shape[0] // g
         # The input is quantized once for all draws (on a shared input, once per prediction).
         if groups is not None and groups.is_shared(input):
-            xq = groups.shared_result(self, n, lambda: self._quantize_input(x[:n]))
+            xq = groups.shared_result(self, input, lambda: self._quantize_input(x[:n]))
             blocks = [xq.data] * g
         else:
             buffers = self._scratch_buffers(x, groups)
