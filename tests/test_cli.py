@@ -92,7 +92,8 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     console = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     models = results["models"]
-    assert set(models) == {"deterministic mlp", "Bayesian mlp", "MC dropout mlp", "3-member ensemble of mlp"}
+    assert set(models) == {"deterministic mlp", "Bayesian mlp", "Bayesian mlp (moments)", "MC dropout mlp",
+                           "3-member ensemble of mlp"}
     num_classes = len(results["settings"]["data"]["classes"])  # 8: digits 8 and 9 are held out
     for name, entry in models.items():
         m = entry["metrics"]
@@ -114,13 +115,15 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert models["MC dropout mlp"]["num_samples"] == 16 and models["3-member ensemble of mlp"]["num_samples"] == 3
     # The Bayesian model's history is the recipe's: the deterministic pre-training, then 3 epochs.
     assert [h["epoch"] for h in models["Bayesian mlp"]["training"]] == list(range(1, 10))
-    for name in ("MC dropout mlp", "3-member ensemble of mlp"):  # the baselines' uncertainty flags OOD too
+    # The Bayesian model again, predicting by moment propagation (16 logit draws), flags OOD too.
+    assert models["Bayesian mlp (moments)"]["num_samples"] == 16
+    for name in ("Bayesian mlp (moments)", "MC dropout mlp", "3-member ensemble of mlp"):
         assert models[name]["metrics"]["ood_auroc_mutual_information"] > 0.6
         assert models[name]["metrics"]["train_seconds"] > 0
 
     parser = _check_report_html(out)
-    # Reliability + risk-coverage per model, entropy histograms per model, MI for the 3 sampling ones.
-    assert len(parser.images) == 16  # 15 figures + the referral curve
+    # Reliability + risk-coverage per model, entropy histograms per model, MI for the 4 sampling ones.
+    assert len(parser.images) == 20  # 19 figures + the referral curve
     for image in results["images"]:
         assert (out / image).read_bytes().startswith(PNG_MAGIC)
     text = " ".join(parser.text)

@@ -92,7 +92,7 @@ def _samples_predictions(model: nn.Module, dropout: bool) -> bool:
 
 def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch_size: int = 128,
                     device: torch.device | str = "cpu", seed: int = 0, show_progress: bool = True,
-                    desc: str = "predicting", dropout: bool = False) -> Predictions:
+                    desc: str = "predicting", dropout: bool = False, prediction: str = "mc") -> Predictions:
     """Predict ``x`` in batches: Monte Carlo for a Bayesian model, one pass otherwise.
 
     Args:
@@ -106,6 +106,8 @@ def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch
         desc: the bar's label.
         dropout: MC dropout (``predict(..., dropout=True)``). An :class:`~torchbayes.Ensemble`
             predicts with its members as the samples.
+        prediction: how a Bayesian model predicts: ``"mc"`` (Monte Carlo) or ``"moments"``
+            (moment propagation, ``predict(..., method="moments")``; ``num_samples`` logit draws).
 
     Returns:
         :class:`Predictions` on the CPU.
@@ -119,7 +121,7 @@ def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch
                                            unit="batch")):
         batch = x[first:first + batch_size].to(device)
         if bayesian:
-            result = predict(model, batch, num_samples, seed=seed + i, dropout=dropout)
+            result = predict(model, batch, num_samples, seed=seed + i, dropout=dropout, method=prediction)
             assert isinstance(result, ClassificationPrediction)  # the default task
             probs.append(result.mean.cpu())
             entropy.append(result.predictive_entropy.cpu())
@@ -136,7 +138,7 @@ def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch
 
 def evaluate_classifier(model: nn.Module, data: DatasetSplits, *, name: str, num_samples: int = 32,
                         batch_size: int = 128, device: torch.device | str = "cpu", seed: int = 0,
-                        show_progress: bool = True, dropout: bool = False) -> ModelEvaluation:
+                        show_progress: bool = True, dropout: bool = False, prediction: str = "mc") -> ModelEvaluation:
     """Predict ``data``'s test and OOD inputs and compute every metric of the report.
 
     Metrics (keys of :data:`METRIC_LABELS`): accuracy, NLL, ECE (15 equal-width bins),
@@ -148,7 +150,7 @@ def evaluate_classifier(model: nn.Module, data: DatasetSplits, *, name: str, num
         model: the classifier, in eval mode on ``device``.
         data: the splits.
         name: the model's name in tables and reports.
-        num_samples, batch_size, device, seed, show_progress, dropout: see :func:`predict_dataset`.
+        num_samples, batch_size, device, seed, show_progress, dropout, prediction: see :func:`predict_dataset`.
 
     Returns:
         A :class:`ModelEvaluation`.
@@ -156,7 +158,8 @@ def evaluate_classifier(model: nn.Module, data: DatasetSplits, *, name: str, num
     bayesian = _samples_predictions(model, dropout)
     samples = model.num_members if isinstance(model, Ensemble) and not _is_bayesian(model) else num_samples
     kwargs: dict[str, Any] = {"num_samples": num_samples, "batch_size": batch_size, "device": device,
-                              "seed": seed, "show_progress": show_progress, "dropout": dropout}
+                              "seed": seed, "show_progress": show_progress, "dropout": dropout,
+                              "prediction": prediction}
     test = predict_dataset(model, data.test_x, desc=f"{name}: test", **kwargs)
     ood = predict_dataset(model, data.ood_x, desc=f"{name}: OOD", **kwargs) if len(data.ood_x) else None
     evaluation = ModelEvaluation(name, bayesian, samples if bayesian else 1, test, data.test_y, ood)

@@ -11,10 +11,16 @@ deterministic forwards cost, or much less for small batches.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.dropout import _DropoutNd
 
+from torchbayes.ensemble import Ensemble
 from torchbayes.nn.base import iter_bayesian_modules
+from torchbayes.prediction.moments import moment_samples
 from torchbayes.prediction.results import (
     ClassificationPrediction,
     Prediction,
@@ -23,8 +29,10 @@ from torchbayes.prediction.results import (
 )
 from torchbayes.prediction.sampling import default_chunk_size, draw_samples
 
-__all__ = ["ClassificationPrediction", "Prediction", "RegressionPrediction", "predict", "summarize"]
+__all__ = ["ClassificationPrediction", "Prediction", "RegressionPrediction", "dropout_modules", "predict",
+           "summarize"]
 
+METHODS = ("mc", "moments")
 TASKS = ("classification", "regression")
 CLASSIFIER_OUTPUTS = ("logits", "probabilities")
 VARIANCE_OUTPUTS = (None, "variance", "log_variance")
@@ -35,12 +43,14 @@ def predict(
     x: Tensor,
     num_samples: int = 32,
     *,
+    method: str = "mc",
     task: str = "classification",
     outputs: str = "logits",
     output_variance: str | None = None,
     chunk_size: int | None = None,
     seed: int | torch.Generator | None = None,
     shared_weights: bool = False,
+    dropout: bool = False,
 ) -> ClassificationPrediction | RegressionPrediction:
     """Predict with ``num_samples`` posterior samples and decompose the uncertainty.
 
@@ -50,11 +60,20 @@ def predict(
     Bayesian-Torch-style models do) is read from the tuple's first element.
 
     Exactness: each example's ``S`` outputs are independent draws from the posterior
-    predictive, whatever the layers' training estimator (convolutions always sample
-    whole kernels, linear layers use local reparameterization, which is exact for them).
-    Within one sample, different examples are not one network draw (linear layers share
-    their local-reparameterization noise across examples, so their outputs are
-    correlated, but not as one network's are) unless ``shared_weights=True``.
+    predictive, whatever the layers' training estimator (convolutions sample whole
+    kernels; linear layers, and convolutions whose output has one position, use local
+    reparameterization, which is exact for them). Within one sample, different examples
+    are not one network draw (linear layers share their local-reparameterization noise
+    across examples, so their outputs are correlated, but not as one network's are)
+    unless ``shared_weights=True``.
+
+    Deterministic work runs once: ``forward`` is traced with :mod:`torch.fx` and what
+    does not depend on a draw (everything before the first Bayesian layer or active
+    dropout, and branches still identical across samples) runs once on ``x``; only the
+    rest runs per sample (see :mod:`torchbayes.prediction.graph`). The whole model runs
+    per sample instead, still exactly, when ``forward`` cannot be traced (control flow
+    on tensor values, ``len(x)``...), when a module traced through has forward hooks, or
+    when a value computed once does not keep one row per example in dim 0.
 
     Args:
         model: a module containing torchbayes Bayesian layers; examples must be
@@ -63,7 +82,13 @@ def predict(
         x: a batch, ``(B, ...)``, on the model's device and (if floating) of its dtype.
             Under ``torch.autocast`` the model runs in low precision but ``samples`` and
             every summary are returned in float32.
-        num_samples: ``S >= 1`` Monte Carlo samples.
+        num_samples: ``S >= 1`` Monte Carlo samples (``method="moments"``: logit samples
+            drawn from the propagated Gaussian, which cost no network pass).
+        method: ``"mc"`` (Monte Carlo samples of the network, the default) or
+            ``"moments"``: one pass that propagates each activation's mean and variance
+            (:mod:`torchbayes.prediction.moments`; classification then samples only the
+            logits from their Gaussian, regression gives the propagated mean and variance
+            as the two samples ``mean +/- std``). See ``docs/moments.md`` for what is exact.
         task: ``"classification"`` or ``"regression"``.
         outputs: for classification, whether the model returns ``"logits"`` (softmax
             is applied; log-probabilities work too) or ``"probabilities"``.
@@ -80,6 +105,16 @@ def predict(
             :func:`torchbayes.noise_generator`) random state.
         shared_weights: draw one network per sample for the whole batch (joint samples,
             e.g. for Thompson sampling) instead of exact per-example draws.
+        dropout: MC dropout (Gal & Ghahramani, 2016): keep the model's dropout modules
+            (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``...) sampling while the
+            rest is in eval mode. Each row of the tiled batch draws its own masks, so the
+            samples are exact independent MC dropout draws. Works on plain networks and
+            together with Bayesian layers; a model without dropout modules is an error.
+
+    For a :class:`torchbayes.Ensemble`, the samples are the members' outputs (``S = M``
+    members, ``num_samples`` unused) computed in one vectorized pass; members with
+    Bayesian layers, or ``dropout=True``, draw ``num_samples`` samples each (``S = M *
+    num_samples``, the mixture of the members' posteriors).
 
     Returns:
         :class:`ClassificationPrediction` or :class:`RegressionPrediction`.
@@ -92,12 +127,80 @@ def predict(
         >>> result.predicted_class, result.mutual_information   # epistemic, per image
     """
     _check_arguments(model, x, num_samples, task, outputs, output_variance, chunk_size)
-    modules = [m for _, m in iter_bayesian_modules(model)]
-    _check_input_matches_model(modules, x)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "moments":
+        return _moment_prediction(model, x, num_samples, task, outputs, output_variance, chunk_size, seed,
+                                  shared_weights, dropout)
+    if isinstance(model, Ensemble):
+        samples = _ensemble_samples(model, x, num_samples, chunk_size, seed, shared_weights, dropout)
+        return summarize(samples, task=task, outputs=outputs, output_variance=output_variance)
+    samples = _monte_carlo_samples(model, x, num_samples, chunk_size, seed, shared_weights, dropout)
+    return summarize(samples, task=task, outputs=outputs, output_variance=output_variance)
+
+
+def _moment_prediction(model: nn.Module, x: Tensor, num_samples: int, task: str, outputs: str,
+                       output_variance: str | None, chunk_size: int | None, seed: int | torch.Generator | None,
+                       shared_weights: bool, dropout: bool) -> ClassificationPrediction | RegressionPrediction:
+    for name, value, default in (("chunk_size", chunk_size, None), ("shared_weights", shared_weights, False),
+                                 ("dropout", dropout, False)):
+        if value != default:
+            raise ValueError(f"{name}={value!r} applies to method='mc' only; method='moments' takes none")
+    if task == "classification" and outputs != "logits":
+        raise ValueError("method='moments' propagates moments to the logits; outputs='probabilities' "
+                         "needs method='mc'")
+    if isinstance(model, Ensemble):
+        raise ValueError("method='moments' does not take an Ensemble; predict with method='mc'")
+    _check_input_matches_model([m for _, m in iter_bayesian_modules(model)], x)
+    samples = moment_samples(model, x, num_samples, task=task, output_variance=output_variance, seed=seed)
+    return summarize(samples, task=task, outputs="logits", output_variance=output_variance)
+
+
+def _monte_carlo_samples(model: nn.Module, x: Tensor, num_samples: int, chunk_size: int | None,
+                         seed: int | torch.Generator | None, shared_weights: bool, dropout: bool) -> Tensor:
+    modules: list[nn.Module] = [m for _, m in iter_bayesian_modules(model)]
+    active = dropout_modules(model) if dropout else []
+    if dropout and not active:
+        raise ValueError(f"dropout=True needs dropout modules (nn.Dropout, ...), but "
+                         f"{type(model).__name__} has none; add some or predict without dropout")
+    _check_input_matches_model(modules, x, model if active else None)
     if chunk_size is None:
         chunk_size = default_chunk_size(modules, num_samples, x.shape[0])
-    samples = draw_samples(model, x, num_samples, min(chunk_size, num_samples), seed, shared_weights)
-    return summarize(samples, task=task, outputs=outputs, output_variance=output_variance)
+    with _seeded_dropout(seed if active else None, x.device):
+        return draw_samples(model, x, num_samples, min(chunk_size, num_samples), seed, shared_weights, active)
+
+
+@contextlib.contextmanager
+def _seeded_dropout(seed: int | torch.Generator | None, device: torch.device) -> Iterator[None]:
+    """Make dropout masks reproducible: they come from PyTorch's global generator, which is
+    forked (left as it was afterwards) and seeded from ``seed``."""
+    if seed is None:
+        yield
+        return
+    if isinstance(seed, bool) or not isinstance(seed, (int, torch.Generator)):
+        raise TypeError(f"seed must be an int, a torch.Generator or None, got {type(seed).__name__}")
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))
+        yield
+
+
+def _ensemble_samples(ensemble: Ensemble, x: Tensor, num_samples: int, chunk_size: int | None,
+                      seed: int | torch.Generator | None, shared_weights: bool, dropout: bool) -> Tensor:
+    stochastic = dropout or next(iter_bayesian_modules(ensemble), None) is not None
+    if not stochastic:  # the members are the samples: one vectorized pass
+        _check_input_matches_model([ensemble], x)
+        with torch.no_grad():
+            return ensemble.member_outputs(x)
+    # Each member is a posterior of its own: S samples from each, stacked (a mixture).
+    generator = torch.Generator().manual_seed(seed) if isinstance(seed, int) else seed
+    return torch.cat([_monte_carlo_samples(member, x, num_samples, chunk_size, generator, shared_weights, dropout)
+                      for member in ensemble.members])
+
+
+def dropout_modules(model: nn.Module) -> list[nn.Module]:
+    """The dropout modules of ``model`` (what ``predict(..., dropout=True)`` keeps sampling)."""
+    return [m for m in model.modules() if isinstance(m, _DropoutNd)]
 
 
 def _check_arguments(model: nn.Module, x: Tensor, num_samples: int, task: str, outputs: str,
@@ -122,7 +225,9 @@ def _check_arguments(model: nn.Module, x: Tensor, num_samples: int, task: str, o
     _check_result_fits(model, x, num_samples)
 
 
-def _check_input_matches_model(modules: list[nn.Module], x: Tensor) -> None:
+def _check_input_matches_model(modules: list[nn.Module], x: Tensor, plain_model: nn.Module | None = None) -> None:
+    if plain_model is not None:  # MC dropout: a network without Bayesian layers is fine
+        modules = [*modules, plain_model]
     if not modules:
         raise ValueError("model has no torchbayes Bayesian layers, so its Monte Carlo samples "
                          "would all be equal; convert it first (e.g. torchbayes.dnn_to_bnn) or "
