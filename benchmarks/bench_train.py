@@ -1,11 +1,16 @@
-"""One training step (forward, cross-entropy + KL/N, backward, Adam step), batch 128.
+"""One training step (forward, cross-entropy + KL/N, backward, Adam step).
 
 Deterministic PyTorch, bayesian-torch 0.5.0 (via its ``dnn_to_bnn``) and torchbayes (via
-its ``dnn_to_bnn``), on the MLP 784-400-400-10 and LeNet-5, 1x28x28 inputs, 2 threads,
-all in one process. Prints medians (ms) and the ratios torchbayes / reference and
-torchbayes / deterministic.
+its ``dnn_to_bnn``), all in one process with 2 threads:
 
-    python benchmarks/bench_train.py [--adam default|foreach|fused]
+* the MLP 784-400-400-10 and LeNet-5 on 1x28x28 inputs, batch 128;
+* torchvision's ResNet-18 (10 classes) on 3x32x32 inputs, batch 64, fully Bayesian and
+  last-layer Bayesian (``include=["fc"]``; the reference converts only ``fc`` too).
+
+Prints medians (ms) and the ratios torchbayes / reference and any variant / deterministic.
+The same Adam implementation is used for every variant of a run.
+
+    python benchmarks/bench_train.py [--models mlp lenet resnet18] [--adam default|foreach|fused]
 """
 
 from __future__ import annotations
@@ -15,18 +20,23 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from harness import lenet, markdown_table, mlp, reference_bnn, resnet18, time_interleaved, torchbayes_bnn
 from torch import nn
-
-from harness import lenet, markdown_table, mlp, reference_bnn, time_interleaved, torchbayes_bnn
 
 import torchbayes
 
 NUM_DATA = 60_000  # KL is divided by the training-set size (ELBO per example)
 
-
 # Adam implementations: torch's default on CPU (a loop over the parameter tensors), the
 # multi-tensor ("foreach") one and the fused one; the same is used for every variant.
 ADAM_OPTIONS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+#: name -> (builder, input shape, batch size, rounds x iterations per round)
+MODELS = {
+    "mlp": ("MLP", mlp, (1, 28, 28), 128, 15),
+    "lenet": ("LeNet-5", lenet, (1, 28, 28), 128, 15),
+    "resnet18": ("ResNet-18", resnet18, (3, 32, 32), 64, 3),
+}
 
 
 def make_step(model: nn.Module, kl: Callable[[nn.Module], torch.Tensor] | None, adam: str,
@@ -44,34 +54,64 @@ def make_step(model: nn.Module, kl: Callable[[nn.Module], torch.Tensor] | None, 
     return step
 
 
+def reference_last_layer(build: Callable[[], nn.Module], estimator: str) -> nn.Module | None:
+    """``build()`` with only its ``fc`` converted by the reference's ``dnn_to_bnn``."""
+    model = build()
+    holder = nn.Module()
+    holder.fc = model.fc
+    converted = reference_bnn(lambda: holder, estimator)
+    if converted is None:
+        return None
+    model.fc = converted.fc
+    return model
+
+
+def torchbayes_last_layer(build: Callable[[], nn.Module], estimator: str) -> nn.Module:
+    return torchbayes.dnn_to_bnn(build(), estimator=estimator, prior_mu=0.0, prior_sigma=1.0,
+                                 posterior_mu_init=0.0, posterior_rho_init=-3.0, include=["fc"])
+
+
+def variants(key: str) -> list[tuple[str, Callable[[Callable[[], nn.Module], str], nn.Module | None], str]]:
+    """``(label, converter, estimator)`` of every Bayesian variant measured for model ``key``."""
+    full = [("reparameterization", torchbayes_bnn, "reparameterization"), ("flipout", torchbayes_bnn, "flipout")]
+    if key == "resnet18":
+        return [*full, ("last-layer reparameterization", torchbayes_last_layer, "reparameterization")]
+    return [*full, ("local", torchbayes_bnn, "local")]
+
+
+def reference_for(label: str) -> Callable[[Callable[[], nn.Module], str], nn.Module | None]:
+    return reference_last_layer if label.startswith("last-layer") else reference_bnn
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--adam", choices=sorted(ADAM_OPTIONS), default="default",
-                        help="the Adam implementation, used for every variant")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS),
+                        help="the architectures to measure (default: all)")
+    parser.add_argument("--adam", choices=sorted(ADAM_OPTIONS), default="fused",
+                        help="the Adam implementation, used for every variant (default: fused)")
+    parser.add_argument("--no-reference", action="store_true", help="skip bayesian-torch's variants")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    torch.manual_seed(0)
-    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
     rows = []
-    for arch_name, build in (("MLP", mlp), ("LeNet-5", lenet)):
+    for key in args.models:
+        arch_name, build, shape, batch, iters = MODELS[key]
+        torch.manual_seed(0)
+        x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
         steps = {"deterministic": make_step(build(), None, args.adam, x, y)}
-        for est in ("reparameterization", "flipout"):
-            ref = reference_bnn(build, est)
-            if ref is not None:
+        for label, convert, est in variants(key):
+            ref = None if args.no_reference or label == "local" else reference_for(label)(build, est)
+            if ref is not None:  # the reference is installed
                 from bayesian_torch.models.dnn_to_bnn import get_kl_loss
-                steps[f"reference {est}"] = make_step(ref, get_kl_loss, args.adam, x, y)
-        for est in ("reparameterization", "flipout", "local"):
-            steps[f"torchbayes {est}"] = make_step(torchbayes_bnn(build, est), torchbayes.kl_divergence,
-                                                   args.adam, x, y)
-        times = time_interleaved(steps, rounds=args.rounds)
+                steps[f"reference {label}"] = make_step(ref, get_kl_loss, args.adam, x, y)
+            steps[f"torchbayes {label}"] = make_step(convert(build, est), torchbayes.kl_divergence, args.adam, x, y)
+        times = time_interleaved(steps, rounds=args.rounds, iters=iters, warmup=3)
         det = times["deterministic"]
         for name, ms in times.items():
             ref_ms = times.get("reference " + name.split(" ", 1)[-1]) if name.startswith("torchbayes") else None
-            rows.append([arch_name, name, ms, ms / det, "" if ref_ms is None else f"{ms / ref_ms:.2f}"])
-    print(f"Training step, batch 128, 2 threads, Adam ({args.adam}); "
-          f"torch {torch.__version__}")
-    print(markdown_table(["model", "variant", "median ms", "x deterministic", "x reference"], rows))
+            rows.append([arch_name, f"{batch}", name, ms, ms / det, "" if ref_ms is None else f"{ms / ref_ms:.2f}"])
+    print(f"Training step, 2 threads, Adam ({args.adam}), rounds {args.rounds}; torch {torch.__version__}")
+    print(markdown_table(["model", "batch", "variant", "median ms", "x deterministic", "x reference"], rows))
 
 
 if __name__ == "__main__":

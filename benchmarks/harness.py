@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["mlp", "lenet", "reference_bnn", "torchbayes_bnn", "time_interleaved", "markdown_table"]
+__all__ = ["mlp", "lenet", "resnet18", "reference_bnn", "torchbayes_bnn", "time_interleaved", "markdown_table"]
 
 
 def mlp() -> nn.Module:
@@ -29,6 +29,13 @@ def lenet() -> nn.Module:
         nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(16 * 4 * 4, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+
+def resnet18() -> nn.Module:
+    """torchvision's ResNet-18 with 10 classes, the seed's example (run on 3x32x32 inputs)."""
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)
 
 
 def reference_bnn(build: Callable[[], nn.Module], estimator: str) -> nn.Module | None:

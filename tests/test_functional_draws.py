@@ -45,16 +45,22 @@ def _params(shapes, rho_fill=None, seed=0, dtype=torch.float64):
 def _compare(params, kind, priors, with_means, monkeypatch, atol=1e-10):
     """Fused values and gradients equal plain autograd's with the same noise and loss."""
     drawn: list[Tensor] = []
-    real_randn = noise.randn
+    real_randn, real_normal_ = noise.randn, noise.normal_
 
     def recording(shape, like):
         eps = real_randn(shape, like)
         drawn.append(eps)
         return eps
 
+    def recording_(out):
+        drawn.append(real_normal_(out).clone())
+        return out
+
     monkeypatch.setattr(noise, "randn", recording)
+    monkeypatch.setattr(noise, "normal_", recording_)
     result = BF.posterior_draws(params, kind, priors, BF.KLToken(), with_means)
     monkeypatch.setattr(noise, "randn", real_randn)
+    monkeypatch.setattr(noise, "normal_", real_normal_)
     eps = iter(drawn)
     plain = [_plain_draw(mu, rho, kind, None if kind == "variance" else next(eps)) for mu, rho in params]
     gen = torch.Generator().manual_seed(1)
@@ -163,7 +169,7 @@ def test_cached_kl_equals_fresh_kl(reduction):
     # float32 reductions of 21 terms summed in different orders: a few ulps apart.
     torch.testing.assert_close(cached, _fresh_kl(layer, reduction), rtol=1e-6, atol=0.0)
     # Its gradient reaches every posterior parameter through the forward's node.
-    grads = torch.autograd.grad(cached, [p for p in layer.parameters()])
+    grads = torch.autograd.grad(cached, list(layer.parameters()))
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
@@ -248,3 +254,94 @@ def test_random_signs_shape_and_odd_sizes():
         signs = noise.random_signs(shape, torch.empty(0))
         assert signs.shape == shape and signs.abs().eq(1).all()
 
+
+
+# ------------------------------------------------------ folded sigma and parallel noise
+@pytest.mark.parametrize("kind", ["sample", "perturbation"])
+@pytest.mark.parametrize("used", ["draw-only", "kl-only"])
+def test_folded_gradients_with_one_output_unused(kind, used):
+    # With a float prior, sigma's buffer holds sigma - sigma_p^2 / sigma after the forward
+    # (functional._folded_param_grads): backward through the draw alone, or the KL alone,
+    # must still equal plain autograd of the textbook formulas with the same noise.
+    params = _params([(40, 30), (40,)])
+    with torchbayes.noise_generator(3):
+        result = BF.posterior_draws(params, kind, [SHIFTED_PRIOR, SCALAR_PRIOR], BF.KLToken())
+    with torchbayes.noise_generator(3):
+        eps = [noise.randn(rho.shape, rho) for _, rho in params]
+    weights = [torch.randn(d.shape, dtype=d.dtype, generator=torch.Generator().manual_seed(9)) for d in result.draws]
+    leaves = [t for pair in params for t in pair]
+    if used == "draw-only":
+        fused = sum((w * d).sum() for w, d in zip(weights, result.draws))
+        plain = sum((w * _plain_draw(mu, rho, kind, e)).sum() for w, (mu, rho), e in zip(weights, params, eps))
+    else:
+        fused = 0.37 * result.kl
+        plain = 0.37 * sum(_plain_kl(mu, rho, *p) for (mu, rho), p in zip(params, [SHIFTED_PRIOR, SCALAR_PRIOR]))
+    got = torch.autograd.grad(fused, leaves, allow_unused=True)
+    expected = torch.autograd.grad(plain, leaves, allow_unused=True)
+    for g, e in zip(got, expected):
+        if e is None or not e.any():  # e.g. perturbations do not depend on mu
+            assert g is None or not g.any()
+        else:  # float64, a few roundings per element
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_large_draws_match_plain_autograd(monkeypatch):
+    # 2^20 + 3 weights: the noise comes from the parallel piecewise generator, the
+    # gradients from the folded path; both must equal the plain formulas (float64 rounding).
+    params = _params([(1024, 1025), (1024,)])
+    _compare(params, "sample", [SCALAR_PRIOR, SHIFTED_PRIOR], False, monkeypatch)
+
+
+def _large_draw(threads: int, seed: int | None = None, dtype=torch.float32) -> Tensor:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if seed is None:
+            return noise.randn((3, 1 << 19), torch.empty(0, dtype=dtype))
+        with torchbayes.noise_generator(seed):
+            return noise.randn((3, 1 << 19), torch.empty(0, dtype=dtype))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_parallel_noise_is_reproducible_whatever_the_thread_count():
+    assert noise._LAYOUT is not None, "torch's generator state layout changed: draws fell back to serial"
+    torch.manual_seed(5)
+    first = _large_draw(2)
+    torch.manual_seed(5)
+    assert torch.equal(first, _large_draw(1))
+    assert torch.equal(_large_draw(2, seed=7), _large_draw(3, seed=7))
+    assert not torch.equal(_large_draw(2, seed=7), _large_draw(2, seed=8))
+    # The global generator moves on: the next draw is new noise.
+    assert not torch.equal(first, _large_draw(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parallel_noise_is_standard_normal_and_pieces_are_independent(dtype):
+    x = _large_draw(2, seed=11, dtype=dtype).double().view(-1)
+    n = x.numel()  # 1.5M
+    assert x.dtype == torch.float64 and torch.isfinite(x).all()
+    # N(0, 1): the sample mean has sd 1/sqrt(n) ~ 8e-4, the sample variance sd sqrt(2/n)
+    # ~ 1.2e-3, the fourth moment (3) sd sqrt(96/n) ~ 8e-3; 5 sd bounds each.
+    assert abs(x.mean().item()) < 5 / n ** 0.5
+    assert abs(x.var().item() - 1.0) < 5 * (2 / n) ** 0.5
+    assert abs(x.pow(4).mean().item() - 3.0) < 5 * (96 / n) ** 0.5
+    # The tail: P(|x| > 3) = 0.0027, binomial sd sqrt(p (1 - p) / n) ~ 4.2e-5.
+    p = 0.0026997960632601866
+    assert abs(x.abs().gt(3).double().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+    # Pieces (2^18 numbers each, own twister) are uncorrelated with each other, within and
+    # across draws: each correlation has sd 1/sqrt(2^18) ~ 0.002.
+    pieces = x.view(-1, noise._CHUNK)
+    corr = torch.corrcoef(pieces)
+    off = corr - torch.diag(torch.diagonal(corr))
+    assert off.abs().max().item() < 5 / noise._CHUNK ** 0.5
+    other = _large_draw(2, seed=12, dtype=dtype).double().view(-1, noise._CHUNK)
+    assert (pieces * other).mean(1).abs().max().item() < 5 / noise._CHUNK ** 0.5
+
+
+def test_parallel_noise_falls_back_to_one_generator(monkeypatch):
+    # Without a verified state layout the draw is torch's plain serial one.
+    monkeypatch.setattr(noise, "_LAYOUT", None)
+    with torchbayes.noise_generator(4):
+        got = noise.randn((1 << 20,), torch.empty(0))
+    assert torch.equal(got, torch.randn(1 << 20, generator=torch.Generator().manual_seed(4)))

@@ -3,7 +3,7 @@
 Every Bayesian layer family is run with every estimator it supports under
 ``torch.autocast("cpu", dtype=torch.bfloat16)`` and in float64, and compared with its
 ``torch.nn`` twin (``layer.to_torch()``, same weights). Noise is observed by wrapping
-``torchbayes.nn.noise.randn`` / ``random_signs``, through which all layer randomness goes.
+``torchbayes.nn.noise.randn`` / ``normal_`` / ``random_signs``, through which all layer randomness goes.
 The ``device`` fixture also runs on CUDA when a GPU is present (skipped otherwise; CI has none).
 """
 
@@ -80,7 +80,14 @@ def noise_log(monkeypatch) -> list[Tensor]:
             return out
         return wrapper
 
+    def recorded_fill(fill):
+        def wrapper(out):
+            log.append(fill(out))
+            return out
+        return wrapper
+
     monkeypatch.setattr(noise, "randn", recorded(noise.randn))
+    monkeypatch.setattr(noise, "normal_", recorded_fill(noise.normal_))
     monkeypatch.setattr(noise, "random_signs", recorded(noise.random_signs))
     return log
 

@@ -124,16 +124,21 @@ def _sum_of_squares(t: Tensor) -> Tensor:
 
 
 def _kl_sum(rho: Tensor, sigma: Tensor, diff: Tensor, sigma_p: Tensor | float,
-            safe: bool) -> tuple[Tensor | float, Tensor | float]:
+            safe: bool, scratch: Tensor | None = None) -> tuple[Tensor | float, Tensor | float]:
     """Closed-form KL summed over weights, and ``1 / sigma_p^2`` for the backward pass.
 
     ``KL = log sigma_p - log sigma_q + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2``.
     A scalar prior comes as a Python float (CPU only, see :func:`_scalar_prior`): the three
     reductions are then read back and combined in Python, at no tensor-operation cost, and
-    the KL is returned as a float.
+    the KL is returned as a float. ``log(sigma)`` is written into ``scratch`` (a free
+    buffer of ``rho``'s shape) when one is given, sparing a weight-sized allocation.
     """
     numel = rho.numel()
-    log_sigma_sum = (torch.log(sigma) if safe else log_softplus(rho)).sum()
+    if safe:
+        log_sigma = torch.log(sigma) if scratch is None else torch.log(sigma, out=scratch)
+    else:
+        log_sigma = log_softplus(rho)
+    log_sigma_sum = log_sigma.sum()
     if isinstance(sigma_p, float):
         inv_var_p = 1.0 / (sigma_p * sigma_p)
         quad = float(_sum_of_squares(sigma)) + float(_sum_of_squares(diff))
@@ -258,22 +263,29 @@ class _PosteriorDraw(torch.autograd.Function):
         draws, kls, saved, meta = [], [], [], []
         for i in range(len(mu_rho) // 2):
             mu, rho = mu_rho[2 * i], mu_rho[2 * i + 1]
-            sigma, safe = _sigma_and_safety(rho)
-            eps = None
-            if kind == "variance":
-                draws.append(sigma.square())
-            elif kind is not None:
-                eps = noise.randn(rho.shape, rho)
-                draws.append(torch.addcmul(mu, sigma, eps) if kind == "sample" else sigma * eps)
+            sigma, safe = _sigma_and_safety(rho)  # a fresh tensor of ours
+            # The noise's buffer serves first as the KL's scratch for log(sigma).
+            eps = None if kind in (None, "variance") else torch.empty_like(rho)
             diff = inv_var_p = None
             if priors is not None:
                 mu_p, sigma_p = _scalar_prior(*priors[i])
                 # The default prior mean is a scalar 0: then mu itself is the difference.
                 diff = mu if isinstance(mu_p, float) and mu_p == 0.0 else mu - mu_p
-                kl, inv_var_p = _kl_sum(rho, sigma, diff, sigma_p, safe)
+                kl, inv_var_p = _kl_sum(rho, sigma, diff, sigma_p, safe, eps)
                 kls.append(kl)
+            if kind == "variance":
+                draws.append(sigma.square())
+            elif eps is not None:
+                noise.normal_(eps)
+                draws.append(torch.addcmul(mu, sigma, eps) if kind == "sample" else sigma * eps)
+            # With noise, a float prior and no underflow, backward needs sigma only in
+            # dKL/dsigma = (sigma - sigma_p^2 / sigma) / sigma_p^2: sigma's buffer turns into
+            # that numerator now, in one pass, saving backward a pass and a temporary.
+            folded = eps is not None and safe and isinstance(inv_var_p, float)
+            if folded and isinstance(inv_var_p, float):
+                sigma.addcdiv_(sigma.new_ones(()), sigma, value=-1.0 / inv_var_p)
             # Float constants stay on ctx; tensors go through save_for_backward.
-            meta.append((safe, inv_var_p if isinstance(inv_var_p, float) else None))
+            meta.append((safe, inv_var_p if isinstance(inv_var_p, float) else None, folded))
             saved += [rho, sigma, eps, diff, None if isinstance(inv_var_p, float) else inv_var_p]
         ctx.meta = meta
         ctx.save_for_backward(*saved)
@@ -296,13 +308,42 @@ class _PosteriorDraw(torch.autograd.Function):
         g_kls = _kl_grad_scales(grads[num_out], grads[num_out + 1], k) if len(grads) > num_out else [None] * k
         saved = ctx.saved_tensors
         out: list[Tensor | None] = [None, None, None, None]
-        for i, (safe, inv_var_float) in enumerate(ctx.meta):
+        for i, (safe, inv_var_float, folded) in enumerate(ctx.meta):
             rho, sigma, eps, diff, inv_var_p = saved[5 * i: 5 * i + 5]
+            g_out, g_mean = grads[i] if i < num_draws else None, grads[num_draws + i] if ctx.with_means else None
+            if folded:  # a float prior on the CPU: the KL's incoming gradient is a float too
+                g_kl = g_kls[i]
+                assert inv_var_float is not None and not isinstance(g_kl, Tensor)
+                out += _folded_param_grads(ctx.kind, rho, sigma, eps, diff, inv_var_float, g_out, g_kl, g_mean)
+                continue
             out += _param_grads(ctx.kind, rho, sigma, eps, diff,
                                 inv_var_float if inv_var_float is not None else inv_var_p,
-                                safe, grads[i] if i < num_draws else None, g_kls[i],
-                                grads[num_draws + i] if ctx.with_means else None)
+                                safe, g_out, g_kls[i], g_mean)
         return tuple(out)
+
+
+def _folded_param_grads(kind: str, rho: Tensor, kl_numerator: Tensor, eps: Tensor, diff: Tensor,
+                        inv_var_p: float, g_out: Tensor | None, g_kl: float | None,
+                        g_mean: Tensor | None) -> list[Tensor | None]:
+    """``[dL/dmu, dL/drho]`` of one noisy parameter whose sigma was folded into
+    ``kl_numerator = sigma - sigma_p^2 / sigma`` (see :class:`_PosteriorDraw`): in three
+    passes, ``dL/drho = sigmoid(rho) (eps g_out + g_kl kl_numerator / sigma_p^2)``,
+    written into the one tensor allocated."""
+    grad_mu = g_out if kind == "sample" else None
+    if g_mean is not None:
+        grad_mu = g_mean if grad_mu is None else grad_mu + g_mean
+    if g_kl is not None:
+        grad_mu = _kl_grad_mu(diff, inv_var_p, g_kl, rho.shape, grad_mu)
+    if g_out is None and g_kl is None:
+        return [grad_mu, None]
+    if g_out is None:
+        assert g_kl is not None
+        t = kl_numerator * (g_kl * inv_var_p)
+    else:
+        t = eps * g_out
+        if g_kl is not None:
+            t.add_(kl_numerator, alpha=g_kl * inv_var_p)
+    return [grad_mu, torch.ops.aten.softplus_backward.grad_input(t, rho, 1.0, _SOFTPLUS_LINEAR_ABOVE, grad_input=t)]
 
 
 def _param_grads(kind: str | None, rho: Tensor, sigma: Tensor, eps: Tensor | None, diff: Tensor | None,
@@ -404,8 +445,10 @@ def posterior_draw(mu: Tensor, rho: Tensor, kind: str = "sample", prior_mu: Tens
         mu: posterior means.
         rho: posterior scale parameters (``sigma = softplus(rho)``), same shape.
         kind: ``"sample"``, ``"perturbation"`` or ``"variance"``, see :func:`posterior_draws`.
-        prior_mu, prior_sigma: a Gaussian prior broadcastable to ``mu``; when given, the
-            closed-form KL summed over weights is returned too, sharing the work.
+        prior_mu: mean of a Gaussian prior broadcastable to ``mu``; when given (with
+            ``prior_sigma``), the closed-form KL summed over weights is returned too,
+            sharing the work.
+        prior_sigma: that prior's standard deviation.
         token: a :class:`KLToken` marked once backward has run through this draw.
 
     Returns:
