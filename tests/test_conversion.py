@@ -476,7 +476,7 @@ def test_summary_counts_match_hand_counts() -> None:
     plain = model_summary(model)
     assert (plain.bayesian_weights, plain.deterministic_parameters) == (0, conv + bn + fc)
 
-    dnn_to_bnn(model, include=["0"])
+    dnn_to_bnn(model, moped=False, include=["0"])  # scalar priors (MOPED's are per weight, below)
     s = model_summary(model)
     assert s.bayesian_layers == 1
     assert s.bayesian_weights == conv and s.variational_parameters == 2 * conv

@@ -164,5 +164,20 @@ def test_custom_prior_class_is_used_but_not_replayable() -> None:
     model = dnn_to_bnn(copy.deepcopy(small_cnn()), prior=Laplace(0.0, 1.0))
     report = conversion_history(model)[-1]
     assert type(bayesian_layers(model)[0].weight_prior) is Laplace
-    with pytest.raises(ValueError, match="cannot rebuild a .*Laplace prior"):
+    with pytest.raises(ValueError, match=r"cannot rebuild a .*Laplace prior"):
         ConversionReport.from_dict(report.to_dict()).reapply(small_cnn())
+
+
+def test_an_explicit_prior_mean_or_object_turns_the_default_moped_off(monkeypatch) -> None:
+    monkeypatch.setattr(conversion, "DEFAULT_SETTINGS", ConversionSettings(moped=True, moped_delta=0.3))
+    base = small_cnn()
+
+    def moped_on(**kwargs) -> bool:
+        return conversion_history(dnn_to_bnn(copy.deepcopy(base), **kwargs))[-1].prior_parameters["moped_enable"]
+
+    assert moped_on() and moped_on(prior_sigma=0.5)  # MOPED uses prior_sigma: stays on
+    assert not moped_on(prior_mu=0.1) and not moped_on(prior=ScaleMixturePrior())
+    assert not moped_on(bnn_prior_parameters={"prior_mu": 0.1})
+    assert moped_on(prior_mu=0.1, moped=True)  # explicit: the reference's MOPED ignores prior_mu too
+    layer = bayesian_layers(dnn_to_bnn(copy.deepcopy(base), prior_mu=0.1))[0]
+    assert float(layer.weight_prior.mu) == pytest.approx(0.1)

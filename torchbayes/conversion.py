@@ -251,7 +251,9 @@ class ConversionSettings:
 
 
 #: The native defaults of :func:`dnn_to_bnn` (every setting not given); the one place to change them.
-DEFAULT_SETTINGS = ConversionSettings()
+#: The recommended recipe (issue 13, chosen on validation splits; see docs/quality.md): flipout,
+#: MOPED from the model's own weights with delta 0.3, prior sigma 1.
+DEFAULT_SETTINGS = ConversionSettings(estimator="flipout", moped=True, moped_delta=0.3)
 
 
 def _resolve(bnn_prior_parameters: Mapping[str, Any] | None, keywords: Mapping[str, Any]) -> ConversionSettings:
@@ -273,13 +275,14 @@ def _resolve(bnn_prior_parameters: Mapping[str, Any] | None, keywords: Mapping[s
         raise TypeError(f"dnn_to_bnn: {twice} given both as keyword(s) and in bnn_prior_parameters")
     chosen.update(keywords)
     gaussian = {"prior_mu", "prior_sigma"} & chosen.keys()
-    if chosen.get("prior") is not None:
-        if gaussian:
-            raise ValueError(f"dnn_to_bnn: give either prior= or {sorted(gaussian)} (the Gaussian prior), "
-                             "not both")
-        chosen.setdefault("moped", False)  # a default MOPED must not veto an explicit prior
-    elif gaussian:
+    if chosen.get("prior") is not None and gaussian:
+        raise ValueError(f"dnn_to_bnn: give either prior= or {sorted(gaussian)} (the Gaussian prior), not both")
+    if gaussian:
         chosen.setdefault("prior", None)  # an explicit Gaussian replaces a default prior object
+    if chosen.get("prior") is not None or "prior_mu" in chosen:
+        # MOPED centres the prior on the weights: an explicit prior object or prior mean turns a
+        # default MOPED off instead of being silently overridden (an explicit moped=True stays).
+        chosen.setdefault("moped", False)
     return replace(DEFAULT_SETTINGS, **chosen)
 
 
@@ -591,7 +594,8 @@ def dnn_to_bnn(
 
     Settings are given as keywords, or as Bayesian-Torch's dictionary (all seven keys as
     in its README, or any subset), or both (each setting once); whatever is not given
-    takes its value from :data:`DEFAULT_SETTINGS`.
+    takes its value from :data:`DEFAULT_SETTINGS`, the recommended recipe: flipout, MOPED
+    with ``moped_delta=0.3``, prior sigma 1 (``dnn_to_bnn(model)`` on a trained model).
 
     Layers inside ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` (whose
     forward reads their weights directly) and layers sharing a parameter with another
@@ -611,7 +615,9 @@ def dnn_to_bnn(
         prior_sigma: its standard deviation, > 0.
         posterior_mu_init: added to the weights to give the posterior means.
         posterior_rho_init: initial ``rho``; posterior sigma ``softplus(rho)``.
-        moped: MOPED from the model's own weights (the dictionary's ``moped_enable``).
+        moped: MOPED from the model's own weights (the dictionary's ``moped_enable``; on
+            by default, so the model should be trained first). Giving ``prior`` or
+            ``prior_mu`` turns the default off (MOPED centres the prior on the weights).
         moped_delta: MOPED's relative posterior scale, > 0.
         prior: a :class:`~torchbayes.priors.Prior` object for every weight instead of
             the Gaussian, e.g. ``ScaleMixturePrior(0.5, 1.0, 0.0025)``.
