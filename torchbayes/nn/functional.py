@@ -144,8 +144,8 @@ def _kl_sum(rho: Tensor, sigma: Tensor, diff: Tensor, sigma_p: Tensor | float,
         quad = float(_sum_of_squares(sigma)) + float(_sum_of_squares(diff))
         return 0.5 * inv_var_p * quad - float(log_sigma_sum) + numel * (math.log(sigma_p) - 0.5), inv_var_p
     inv_var_p_t = sigma_p.square().reciprocal_()
-    quad = torch.addcmul(sigma.square(), diff, diff)
-    total = (quad.mul_(inv_var_p_t).sum() * 0.5
+    quad_t = torch.addcmul(sigma.square(), diff, diff)
+    total = (quad_t.mul_(inv_var_p_t).sum() * 0.5
              + torch.log(sigma_p).expand(rho.shape).sum() - 0.5 * numel)
     return total - log_sigma_sum, inv_var_p_t
 
@@ -210,9 +210,10 @@ def _kl_grad_scales(g_total: Tensor | None, g_parts: Tensor | None, k: int) -> l
 
     On the CPU the scalars are read back as floats, so that they scale tensors for free.
     """
-    if g_total is None and g_parts is None:
+    first = g_total if g_total is not None else g_parts
+    if first is None:
         return [None] * k
-    if _host_readable(g_total if g_total is not None else g_parts):
+    if _host_readable(first):
         base = 0.0 if g_total is None else float(g_total)
         return [base] * k if g_parts is None else [base + v for v in g_parts.tolist()]
     if g_parts is None:
@@ -255,7 +256,7 @@ class _PosteriorDraw(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kind: str | None, token: KLToken | None,  # type: ignore[override]
+    def forward(ctx, kind: str | None, token: KLToken | None,
                 priors: tuple[tuple[Tensor, Tensor], ...] | None, with_means: bool,
                 *mu_rho: Tensor) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
@@ -299,7 +300,7 @@ class _PosteriorDraw(torch.autograd.Function):
         return (*draws, total, parts)
 
     @staticmethod
-    def backward(ctx, *grads: Tensor | None):  # type: ignore[override]
+    def backward(ctx, *grads: Tensor | None):
         if ctx.token is not None:
             ctx.token.consumed = True
         k = len(ctx.meta)
@@ -358,7 +359,7 @@ def _param_grads(kind: str | None, rho: Tensor, sigma: Tensor, eps: Tensor | Non
     # (2 sigma g_out in one pass: addcmul onto a broadcast zero.)
     t = (None if g_out is None else eps * g_out if eps is not None
          else torch.addcmul(sigma.new_zeros(()), sigma, g_out, value=2.0))
-    if g_kl is None or diff is None:
+    if g_kl is None or diff is None or inv_var_p is None:
         return [grad_mu, None if t is None else _softplus_grad(t, rho)]
     grad_mu = _kl_grad_mu(diff, inv_var_p, g_kl, rho.shape, grad_mu)
     if not safe:
@@ -457,7 +458,7 @@ def posterior_draw(mu: Tensor, rho: Tensor, kind: str = "sample", prior_mu: Tens
     Example:
         >>> w, kl = posterior_draw(mu, rho, "sample", torch.tensor(0.0), torch.tensor(1.0))
     """
-    priors = None if prior_sigma is None else [(prior_mu, prior_sigma)]
+    priors = None if prior_mu is None or prior_sigma is None else [(prior_mu, prior_sigma)]
     result = posterior_draws([(mu, rho)], kind, priors, token)
     return result.draws[0], result.kl
 

@@ -185,17 +185,18 @@ def random_signs(shape: Sequence[int], like: Tensor) -> Tensor:
     """Independent +/-1 entries (Rademacher noise) of ``shape``, as used by flipout."""
     gen = _GENERATOR.get()
     device = like.device if gen is None else gen.device
-    extra = {} if gen is None else {"generator": gen}
     if _is_exporting():
         # torch.export / ONNX with a symbolic batch take the plain form: one uniform per
-        # sign, which symbolic shapes and ONNX handle.
-        signs = torch.rand(shape, dtype=like.dtype, device=device, **extra).lt(0.5)
+        # sign, which symbolic shapes and ONNX handle (no generator argument when unseeded).
+        uniform = (torch.rand(shape, dtype=like.dtype, device=device) if gen is None
+                   else torch.rand(shape, dtype=like.dtype, device=device, generator=gen))
+        signs = uniform.lt(0.5)
         return signs.to(like.dtype).mul(2.0).sub(1.0).to(like.device)
     numel = math.prod(shape)
     # One uniform 32-bit draw yields 32 signs (the generator is the serial bottleneck).
     # Each bit is shifted into the float32 sign bit and OR-ed with 1.0's exponent bits:
     # the int32 words then ARE the floats +/-1.0, with no conversion or arithmetic pass.
-    words = torch.randint(-(2**31), 2**31, ((numel + 31) // 32, 1), dtype=torch.int32, device=device, **extra)
+    words = torch.randint(-(2**31), 2**31, ((numel + 31) // 32, 1), dtype=torch.int32, device=device, generator=gen)
     shifts = _BIT_SHIFTS if device.type == "cpu" else _BIT_SHIFTS.to(device)
     bits = torch.bitwise_left_shift(words, shifts).bitwise_and_(_SIGN_BIT).bitwise_or_(_ONE_BITS)
     signs = bits.view(torch.float32).reshape(-1)[:numel].reshape(shape)
