@@ -137,14 +137,14 @@ def _split_arrays(name: str, images: np.ndarray, labels: np.ndarray, *, ood_clas
         raise ValueError(f"class {which!r} of {name!r} has {counts[scarce[0]]} example; each class needs at "
                          "least 2 (one to train on, one to test)")
     rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
+    train_parts, test_parts = [], []
     for c in kept:  # stratified split, so every class is in both parts
         idx = rng.permutation(np.flatnonzero(labels == c))
         n_test = min(len(idx) - 1, max(1, round(len(idx) * test_fraction)))  # >= 1 left to train on
-        test_idx.append(idx[:n_test])
-        train_idx.append(idx[n_test:])
-    train_idx = rng.permutation(np.concatenate(train_idx))
-    test_idx = rng.permutation(np.concatenate(test_idx))
+        test_parts.append(idx[:n_test])
+        train_parts.append(idx[n_test:])
+    train_idx = rng.permutation(np.concatenate(train_parts))
+    test_idx = rng.permutation(np.concatenate(test_parts))
     relabel = _relabelling(all_classes, kept)
     ood_mask = np.isin(labels, list(ood_classes))
 
