@@ -26,7 +26,7 @@ from torchbayes.avuc import AvULoss, avu_uncertainty, uncertainty_threshold
 from torchbayes.checkpoint import CheckpointError
 from torchbayes.cli.models import build_model
 from torchbayes.cli.progress import progress_bar
-from torchbayes.conversion import dnn_to_bnn
+from torchbayes.conversion import DEFAULT_SETTINGS, dnn_to_bnn
 from torchbayes.datasets import DatasetSplits
 from torchbayes.elbo import elbo_loss, kl_divergence
 from torchbayes.ensemble import Ensemble
@@ -132,12 +132,13 @@ class TrainConfig:
     kl_weight: float = 1.0
     dropout: float = 0.25
     num_members: int = 5
-    estimator: str = "flipout"
-    prior_mu: float = 0.0
-    prior_sigma: float = 1.0
-    posterior_rho_init: float = -3.0
-    moped: bool = True
-    moped_delta: float = 0.3
+    # The conversion half of the recipe: dnn_to_bnn's native defaults (one place).
+    estimator: str = DEFAULT_SETTINGS.estimator
+    prior_mu: float = DEFAULT_SETTINGS.prior_mu
+    prior_sigma: float = DEFAULT_SETTINGS.prior_sigma
+    posterior_rho_init: float = DEFAULT_SETTINGS.posterior_rho_init
+    moped: bool = DEFAULT_SETTINGS.moped
+    moped_delta: float = DEFAULT_SETTINGS.moped_delta
     epochs: int = 3
     batch_size: int = 64
     lr: float = 1e-3
