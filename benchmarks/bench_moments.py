@@ -174,7 +174,7 @@ def run_cost() -> None:
             "moments (propagation)": lambda model=bayesian, x=x: propagate_moments(model, x),
             "moments (predict)": lambda model=bayesian, x=x: torchbayes.predict(model, x, method="moments", seed=0),
             "MC-32 (predict)": lambda model=bayesian, x=x: torchbayes.predict(model, x, 32, seed=0),
-        }, rounds=5, iters=3, warmup=2)
+        }, rounds=3, iters=2, warmup=1)
         results[name] = times
         print(name, times)
     _write("cost", {"part": "cost", "threads": torch.get_num_threads(), "ms": results})
