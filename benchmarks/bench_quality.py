@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -319,6 +320,24 @@ def _kl_term(model: nn.Module, num_data: int, weight: float) -> Callable[[], Ten
     return lambda: elbo_loss(zero, model, num_data, kl_weight=weight)
 
 
+# ------------------------------------------------------------------ training time, interleaved
+def training_times(rounds: int = 2) -> dict[str, float]:
+    """Median wall seconds to train each MNIST method (seed 0), the methods interleaved in
+    rounds in one process so that machine load hits them alike (the time bar's numbers)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from harness import time_interleaved
+
+    data, model = classification_task("mnist", 0)
+    configs = {
+        "plain": TrainConfig(dataset="mnist", model=model, method="deterministic", **BASELINE),
+        "torchbayes": TrainConfig(dataset="mnist", model=model),
+        "mc-dropout": TrainConfig(dataset="mnist", model=model, method="dropout", **BASELINE),
+        "ensemble-5": TrainConfig(dataset="mnist", model=model, method="ensemble", num_members=5, **BASELINE),
+    }
+    fns = {name: (lambda c=c: train_model(c, data, show_progress=False)) for name, c in configs.items()}
+    return {name: ms / 1000 for name, ms in time_interleaved(fns, rounds=rounds, iters=1, warmup=0).items()}
+
+
 # ------------------------------------------------------------------ driver and table
 def _done(path: Path) -> set[tuple[str, str, int]]:
     if not path.exists():
@@ -379,16 +398,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="print the tables of --out and exit")
+    parser.add_argument("--training-times", action="store_true",
+                        help="only time the MNIST trainings, interleaved in rounds (the time bar)")
     parser.add_argument("--times", type=Path, default=None,
                         help="with --table: take the time columns from this file (runs under the CPU lock)")
     args = parser.parse_args()
     if args.table:
         print(table(args.out, args.times))
         return
-    import sys
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     torch.set_num_threads(args.threads)
+    if args.training_times:
+        print(json.dumps(training_times()))
+        return
     np.seterr(all="ignore")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = _done(args.out)
