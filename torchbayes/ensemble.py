@@ -5,8 +5,9 @@ initialisations, whose disagreement is the epistemic uncertainty.
 vectorized pass when they share one architecture: the members' parameters are stacked
 (:func:`torch.func.stack_module_state`) and one copy of the architecture is run under
 :func:`torch.vmap` with :func:`torch.func.functional_call`, so the ``M`` forwards run as
-one batched pass (what it saves depends on the layers: fully connected members gain, on
-the CPU convolutional ones about break even, see ``docs/quality.md``).
+one batched pass (what it saves depends on the layers and the machine: on a 2-core CPU
+it did not beat the loop for prediction, see ``docs/quality.md``; vmapped training of
+fully connected members was faster).
 :func:`torchbayes.predict` on an ensemble returns the same result object as Monte Carlo
 prediction: the members are the samples, their disagreement the mutual information.
 :func:`fit_ensemble` trains all members in the same vectorized way.
