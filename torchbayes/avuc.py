@@ -59,11 +59,12 @@ def _entropy_from_log_probs(log_probs: Tensor) -> Tensor:
 
 def _check_type(type: int, logits: Tensor, caller: str) -> None:
     if type not in (0, 1):
-        raise ValueError(f"{caller}: type must be 0 (predictive entropy) or 1 (mutual "
-                         f"information), got {type!r}")
+        raise ValueError(f"{caller}: type must be 0 (predictive entropy) or 1 (mutual information), got {type!r}")
     if type == 1 and logits.dim() != 3:
-        raise ValueError(f"{caller}: type=1 (model uncertainty, mutual information) needs "
-                         f"Monte Carlo logits of shape (S, N, C); got {tuple(logits.shape)}")
+        raise ValueError(
+            f"{caller}: type=1 (model uncertainty, mutual information) needs "
+            f"Monte Carlo logits of shape (S, N, C); got {tuple(logits.shape)}"
+        )
 
 
 def _log_predictive(logits: Tensor) -> Tensor:
@@ -103,8 +104,14 @@ def avu_uncertainty(logits: Tensor, type: int = 0) -> Tensor:
     return _uncertainty(logits, _log_predictive(logits), type)
 
 
-def _avu(uncertainty: Tensor, correct: Tensor, thresholds: Tensor,
-         certain_weight: Tensor | float, uncertain_weight: Tensor | float, eps: float) -> Tensor:
+def _avu(
+    uncertainty: Tensor,
+    correct: Tensor,
+    thresholds: Tensor,
+    certain_weight: Tensor | float,
+    uncertain_weight: Tensor | float,
+    eps: float,
+) -> Tensor:
     """AvU at each threshold, shape (T,), from per-example weights.
 
     An example counts ``certain_weight`` when ``u <= threshold`` and ``uncertain_weight``
@@ -180,8 +187,9 @@ class AvULoss(_AvUCLoss):
         >>> loss = elbo_loss(F.cross_entropy(out, y), model, n) + avuc(out, y, u_th)
     """
 
-    def forward(self, logits: Tensor, labels: Tensor, optimal_uncertainty_threshold: float | Tensor,
-                type: int = 0) -> Tensor:
+    def forward(
+        self, logits: Tensor, labels: Tensor, optimal_uncertainty_threshold: float | Tensor, type: int = 0
+    ) -> Tensor:
         """Args:
             logits: model outputs (pre-softmax).
             labels: true classes.
@@ -196,8 +204,10 @@ class AvULoss(_AvUCLoss):
         # torch.tensor(x) like the reference: a Python float becomes the default dtype.
         threshold = torch.as_tensor(optimal_uncertainty_threshold).detach()
         if threshold.numel() != 1 or not torch.isfinite(threshold).all():
-            raise ValueError("AvULoss: optimal_uncertainty_threshold must be one finite number, "
-                             f"got {optimal_uncertainty_threshold!r}")
+            raise ValueError(
+                "AvULoss: optimal_uncertainty_threshold must be one finite number, "
+                f"got {optimal_uncertainty_threshold!r}"
+            )
         unc, correct, w_certain, w_uncertain = _soft_avu_inputs(logits, labels, type)
         threshold = threshold.reshape(1).to(device=logits.device, dtype=_wide_dtype(logits.device))
         avu = _avu(unc, correct, threshold, w_certain, w_uncertain, self.eps)[0]
@@ -244,13 +254,14 @@ def _as_hard_inputs(pred_label: Any, true_label: Any, uncertainty: Any, caller: 
     if unc.dim() != 1 or unc.numel() == 0:
         raise ValueError(f"{caller}: uncertainty must be a non-empty 1-D array, got shape {tuple(unc.shape)}")
     if pred.shape != unc.shape or true.shape != unc.shape:
-        raise ValueError(f"{caller}: pred_label {tuple(pred.shape)}, true_label {tuple(true.shape)} and "
-                         f"uncertainty {tuple(unc.shape)} must have the same shape (N,)")
+        raise ValueError(
+            f"{caller}: pred_label {tuple(pred.shape)}, true_label {tuple(true.shape)} and "
+            f"uncertainty {tuple(unc.shape)} must have the same shape (N,)"
+        )
     return unc, pred == true
 
 
-def accuracy_vs_uncertainty(pred_label: Any, true_label: Any, uncertainty: Any,
-                            optimal_threshold: float) -> Tensor:
+def accuracy_vs_uncertainty(pred_label: Any, true_label: Any, uncertainty: Any, optimal_threshold: float) -> Tensor:
     """The AvU metric (hard counts) at one uncertainty threshold.
 
     ``(n_AC + n_IU) / N``; equal to the reference's ``accuracy_vs_uncertainty``.
@@ -331,8 +342,9 @@ def uncertainty_threshold(uncertainty: Tensor, correct: Tensor | None = None) ->
     """
     unc = torch.as_tensor(uncertainty).detach()
     if unc.dim() != 1 or unc.numel() == 0 or not unc.is_floating_point():
-        raise ValueError(f"uncertainty_threshold: uncertainty must be a non-empty 1-D float tensor, "
-                         f"got shape {tuple(unc.shape)}")
+        raise ValueError(
+            f"uncertainty_threshold: uncertainty must be a non-empty 1-D float tensor, got shape {tuple(unc.shape)}"
+        )
     if correct is None:
         return float(unc.mean())
     correct = torch.as_tensor(correct, device=unc.device)

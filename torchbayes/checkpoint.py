@@ -39,8 +39,14 @@ from torchbayes.conversion import ConversionReport, conversion_history
 from torchbayes.nn.base import BayesianModule, canonical_estimator, iter_bayesian_modules
 from torchbayes.priors import GaussianPrior, Prior, check_prior_sigma
 
-__all__ = ["CHECKPOINT_FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint",
-           "read_checkpoint", "rebuild"]
+__all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "rebuild",
+]
 
 #: Version of the file layout written by :func:`save_checkpoint`; readers refuse newer ones.
 CHECKPOINT_FORMAT_VERSION = 1
@@ -67,8 +73,10 @@ def _check_plain(value: Any, where: str) -> None:
                 raise TypeError(f"{where}: keys must be str or int, got {type(key).__name__}")
             _check_plain(item, f"{where}[{key!r}]")
         return
-    raise TypeError(f"{where} must contain only tensors, None, bool, int, float, str, lists, "
-                    f"tuples and dicts (so it loads with weights_only=True), got {type(value).__name__}")
+    raise TypeError(
+        f"{where} must contain only tensors, None, bool, int, float, str, lists, "
+        f"tuples and dicts (so it loads with weights_only=True), got {type(value).__name__}"
+    )
 
 
 def _tensor_digest(state: Mapping[str, Tensor]) -> str:
@@ -84,8 +92,11 @@ def _tensor_digest(state: Mapping[str, Tensor]) -> str:
 def _prior_settings(prior: nn.Module) -> dict[str, Any]:
     # Plain attributes only: tensor hyperparameters (GaussianPrior's mu, sigma) are
     # buffers, already in state_dict. ``training`` is nn.Module bookkeeping, not a setting.
-    hyper = {k: v for k, v in vars(prior).items()
-             if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str))}
+    hyper = {
+        k: v
+        for k, v in vars(prior).items()
+        if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str))
+    }
     return {"class": type(prior).__name__, "hyperparameters": hyper}
 
 
@@ -109,7 +120,8 @@ def _unwrap(model: nn.Module) -> nn.Module:
     model makes a checkpoint written on rank 0 of a DDP job load into a plain model anywhere.
     """
     while type(model).__name__ in _WRAPPERS and isinstance(
-            getattr(model, _WRAPPERS[type(model).__name__], None), nn.Module):
+        getattr(model, _WRAPPERS[type(model).__name__], None), nn.Module
+    ):
         model = getattr(model, _WRAPPERS[type(model).__name__])
     return model
 
@@ -134,8 +146,7 @@ class _RecordingWriter:
         self.file.flush()
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *,
-                    extra: Mapping[str, Any] | None = None) -> None:
+def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, extra: Mapping[str, Any] | None = None) -> None:
     """Write ``model``'s weights and Bayesian settings to ``path`` (atomically).
 
     Args:
@@ -225,8 +236,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path!r}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not ours
-        raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated or corrupted file, "
-                              "or not one written by torch.save)")
+        raise CheckpointError(
+            f"{path!r} is not a readable checkpoint (truncated or corrupted file, or not one written by torch.save)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -235,28 +247,37 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "refusing to unpickle them, as torchbayes only loads checkpoints with weights_only=True"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, io.UnsupportedOperation) as exc:
-        raise CheckpointError(f"{path!r} is not a readable checkpoint (truncated or corrupted "
-                              f"file?): {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(
+            f"{path!r} is not a readable checkpoint (truncated or corrupted file?): {type(exc).__name__}: {exc}"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT_NAME:
-        raise CheckpointError(f"{path!r} is not a torchbayes checkpoint (written by save_checkpoint); "
-                              "for a plain state_dict use model.load_state_dict(torch.load(path, "
-                              "weights_only=True))")
+        raise CheckpointError(
+            f"{path!r} is not a torchbayes checkpoint (written by save_checkpoint); "
+            "for a plain state_dict use model.load_state_dict(torch.load(path, "
+            "weights_only=True))"
+        )
     version = payload.get("format_version")
     if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointError(f"{path!r} has checkpoint format version {version!r}; this torchbayes "
-                              f"reads versions <= {CHECKPOINT_FORMAT_VERSION} (upgrade torchbayes)")
+        raise CheckpointError(
+            f"{path!r} has checkpoint format version {version!r}; this torchbayes "
+            f"reads versions <= {CHECKPOINT_FORMAT_VERSION} (upgrade torchbayes)"
+        )
     state = payload.get("state_dict")
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path!r}: the state_dict entry is missing or malformed")
     layers = payload.get("layers")
     if not isinstance(layers, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("class"), str) and isinstance(v.get("priors"), dict)
-            and all(isinstance(p, dict) and isinstance(p.get("hyperparameters"), dict)
-                    for p in v["priors"].values()) for v in layers.values()):
+        isinstance(v, dict)
+        and isinstance(v.get("class"), str)
+        and isinstance(v.get("priors"), dict)
+        and all(isinstance(p, dict) and isinstance(p.get("hyperparameters"), dict) for p in v["priors"].values())
+        for v in layers.values()
+    ):
         raise CheckpointError(f"{path!r}: the layers entry is missing or malformed")
     if _tensor_digest(state) != payload.get("sha256"):
-        raise CheckpointError(f"{path!r} is corrupted: its tensors do not match the SHA-256 "
-                              "digest stored when it was saved")
+        raise CheckpointError(
+            f"{path!r} is corrupted: its tensors do not match the SHA-256 digest stored when it was saved"
+        )
     return payload
 
 
@@ -269,8 +290,7 @@ def _check_prior_settings(prior: nn.Module, saved: Mapping[str, Any], where: str
             raise CheckpointError(f"{where}: unknown setting {str(key)[:50]!r} (known: {sorted(current)})")
         expected = type(current[key])
         if not (type(value) is expected or (expected is float and type(value) is int)):
-            raise CheckpointError(f"{where}: setting {key!r} must be a {expected.__name__}, "
-                                  f"got {type(value).__name__}")
+            raise CheckpointError(f"{where}: setting {key!r} must be a {expected.__name__}, got {type(value).__name__}")
     try:
         type(prior)(**{**current, **saved})
     except TypeError:  # a prior class whose constructor does not take its attributes: types checked only
@@ -281,8 +301,7 @@ def _check_prior_settings(prior: nn.Module, saved: Mapping[str, Any], where: str
 
 def _unpickler_reason(exc: BaseException) -> str:
     """The one-line reason in torch's long weights_only error (without its advice to load unsafely)."""
-    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global| Please use|\n|$)",
-                      str(exc), re.S)
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global| Please use|\n|$)", str(exc), re.S)
     reason = match.group(1) if match else "unsupported content"
     return " ".join(reason.split())[:200]
 
@@ -295,8 +314,10 @@ def _validate_against(model: nn.Module, payload: dict[str, Any], path: str) -> N
         module = modules.get(name)
         if module is None or type(module).__name__ != saved["class"]:
             found = "nothing" if module is None else type(module).__name__
-            raise CheckpointError(f"{path!r} does not fit the model: layer {name!r} is a "
-                                  f"{saved['class']} in the checkpoint but {found} in the model")
+            raise CheckpointError(
+                f"{path!r} does not fit the model: layer {name!r} is a "
+                f"{saved['class']} in the checkpoint but {found} in the model"
+            )
         try:
             canonical_estimator(saved["estimator"])
         except ValueError as exc:
@@ -304,22 +325,31 @@ def _validate_against(model: nn.Module, payload: dict[str, Any], path: str) -> N
         for pname, prior in saved["priors"].items():
             have = type(getattr(module, f"{pname}_prior")).__name__
             if have != prior["class"]:
-                raise CheckpointError(f"{path!r} does not fit the model: {name}.{pname}_prior is a "
-                                      f"{prior['class']} in the checkpoint but {have} in the model")
-            _check_prior_settings(getattr(module, f"{pname}_prior"), prior["hyperparameters"],
-                                  f"{path!r}: {name}.{pname}_prior")
+                raise CheckpointError(
+                    f"{path!r} does not fit the model: {name}.{pname}_prior is a "
+                    f"{prior['class']} in the checkpoint but {have} in the model"
+                )
+            _check_prior_settings(
+                getattr(module, f"{pname}_prior"), prior["hyperparameters"], f"{path!r}: {name}.{pname}_prior"
+            )
     state = payload["state_dict"]
     current = model.state_dict()
     missing = sorted(set(current) - set(state))
     unexpected = sorted(set(state) - set(current))
     if missing or unexpected:
-        raise CheckpointError(f"{path!r} does not fit the model: missing keys {missing[:10]}, "
-                              f"unexpected keys {unexpected[:10]}")
+        raise CheckpointError(
+            f"{path!r} does not fit the model: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}"
+        )
     priors = {id(p) for _, m in iter_bayesian_modules(model) for *_, p in m.variational_parameters()}
-    adopts_shape = {f"{prefix}.{buf}" for prefix, mod in model.named_modules() if id(mod) in priors
-                    for buf, _ in mod.named_buffers(recurse=False)}
-    gaussian_priors = {f"{prefix}." for prefix, mod in model.named_modules()
-                       if id(mod) in priors and isinstance(mod, GaussianPrior)}
+    adopts_shape = {
+        f"{prefix}.{buf}"
+        for prefix, mod in model.named_modules()
+        if id(mod) in priors
+        for buf, _ in mod.named_buffers(recurse=False)
+    }
+    gaussian_priors = {
+        f"{prefix}." for prefix, mod in model.named_modules() if id(mod) in priors and isinstance(mod, GaussianPrior)
+    }
     for key, tensor in state.items():
         prefix, _, buffer = key.rpartition(".")
         if prefix + "." in gaussian_priors and buffer in ("mu", "sigma"):
@@ -332,8 +362,10 @@ def _validate_against(model: nn.Module, payload: dict[str, Any], path: str) -> N
                 raise CheckpointError(f"{path!r}: {exc}") from None
         # Prior buffers may legitimately change shape (scalar -> per-weight MOPED prior).
         if tensor.shape != current[key].shape and key not in adopts_shape:
-            raise CheckpointError(f"{path!r} does not fit the model: {key!r} has shape "
-                                  f"{tuple(tensor.shape)} in the checkpoint, {tuple(current[key].shape)} in the model")
+            raise CheckpointError(
+                f"{path!r} does not fit the model: {key!r} has shape "
+                f"{tuple(tensor.shape)} in the checkpoint, {tuple(current[key].shape)} in the model"
+            )
 
 
 def _apply(model: nn.Module, payload: dict[str, Any]) -> None:
@@ -347,8 +379,9 @@ def _apply(model: nn.Module, payload: dict[str, Any]) -> None:
                 setattr(getattr(module, f"{pname}_prior"), attr, value)
 
 
-def _snapshot(model: nn.Module) -> tuple[dict[str, Tensor], list[tuple[BayesianModule, str]],
-                                        list[tuple[Prior, dict[str, Any]]]]:
+def _snapshot(
+    model: nn.Module,
+) -> tuple[dict[str, Tensor], list[tuple[BayesianModule, str]], list[tuple[Prior, dict[str, Any]]]]:
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     modules = [m for _, m in iter_bayesian_modules(model)]
     priors = [(p, _prior_settings(p)["hyperparameters"]) for m in modules for *_, p in m.variational_parameters()]
@@ -429,15 +462,18 @@ def rebuild(path: str | os.PathLike[str], base_model: nn.Module) -> nn.Module:
     payload = read_checkpoint(path)
     reports = payload.get("conversions") or []
     if not reports:
-        raise CheckpointError(f"{os.fspath(path)!r} records no dnn_to_bnn conversion; build the "
-                              "Bayesian model yourself and use load_checkpoint")
+        raise CheckpointError(
+            f"{os.fspath(path)!r} records no dnn_to_bnn conversion; build the "
+            "Bayesian model yourself and use load_checkpoint"
+        )
     model = copy.deepcopy(base_model)
     try:
         for report in reports:
             model = ConversionReport.from_dict(report).reapply(model)
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{os.fspath(path)!r}: replaying its conversion on "
-                              f"{type(base_model).__name__} failed: {exc}") from exc
+        raise CheckpointError(
+            f"{os.fspath(path)!r}: replaying its conversion on {type(base_model).__name__} failed: {exc}"
+        ) from exc
     _validate_against(model, payload, os.fspath(path))
     _apply(model, payload)
     return model

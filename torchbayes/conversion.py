@@ -62,7 +62,6 @@ Selector = str | Iterable[str] | Predicate | None
 HISTORY_ATTRIBUTE = "torchbayes_conversions"
 
 
-
 class _BayesianTwin(Protocol):
     """What :func:`register_conversion` checks a Bayesian class provides."""
 
@@ -120,10 +119,14 @@ def register_opaque_module(module_type: type[nn.Module]) -> None:
 
 for _torch_type, _bayes_type in (
     (nn.Linear, BayesLinear),
-    (nn.Conv1d, BayesConv1d), (nn.Conv2d, BayesConv2d), (nn.Conv3d, BayesConv3d),
-    (nn.ConvTranspose1d, BayesConvTranspose1d), (nn.ConvTranspose2d, BayesConvTranspose2d),
+    (nn.Conv1d, BayesConv1d),
+    (nn.Conv2d, BayesConv2d),
+    (nn.Conv3d, BayesConv3d),
+    (nn.ConvTranspose1d, BayesConvTranspose1d),
+    (nn.ConvTranspose2d, BayesConvTranspose2d),
     (nn.ConvTranspose3d, BayesConvTranspose3d),
-    (nn.LSTM, BayesLSTM), (nn.GRU, BayesGRU),
+    (nn.LSTM, BayesLSTM),
+    (nn.GRU, BayesGRU),
 ):
     register_conversion(_torch_type, _bayes_type)
 
@@ -149,11 +152,25 @@ REFERENCE_PRIOR_PARAMETERS: dict[str, Any] = {
 }
 
 # The reference's dictionary key -> the setting (keyword) it gives.
-_REFERENCE_KEYS = {"prior_mu": "prior_mu", "prior_sigma": "prior_sigma",
-                   "posterior_mu_init": "posterior_mu_init", "posterior_rho_init": "posterior_rho_init",
-                   "type": "estimator", "moped_enable": "moped", "moped_delta": "moped_delta"}
-_SETTING_NAMES = ("estimator", "prior_mu", "prior_sigma", "posterior_mu_init", "posterior_rho_init",
-                  "moped", "moped_delta", "prior")
+_REFERENCE_KEYS = {
+    "prior_mu": "prior_mu",
+    "prior_sigma": "prior_sigma",
+    "posterior_mu_init": "posterior_mu_init",
+    "posterior_rho_init": "posterior_rho_init",
+    "type": "estimator",
+    "moped_enable": "moped",
+    "moped_delta": "moped_delta",
+}
+_SETTING_NAMES = (
+    "estimator",
+    "prior_mu",
+    "prior_sigma",
+    "posterior_mu_init",
+    "posterior_rho_init",
+    "moped",
+    "moped_delta",
+    "prior",
+)
 
 
 def _finite(label: str, value: Any) -> float:
@@ -175,16 +192,20 @@ def _checked(name: str, value: Any, label: str) -> Any:
         try:
             return canonical_estimator(value)
         except ValueError:
-            raise ValueError(f"{label} must be 'reparameterization', 'flipout' or 'local' (any case; the "
-                             f"reference's 'Reparameterization' and 'Flipout' too), got {value!r}") from None
+            raise ValueError(
+                f"{label} must be 'reparameterization', 'flipout' or 'local' (any case; the "
+                f"reference's 'Reparameterization' and 'Flipout' too), got {value!r}"
+            ) from None
     if name == "moped":
         if not isinstance(value, bool):
             raise ValueError(f"{label} must be True or False, got {value!r}")
         return value
     if name == "prior":
         if value is not None and not isinstance(value, Prior):
-            raise TypeError(f"{label} must be a torchbayes.priors.Prior (e.g. ScaleMixturePrior(...)) or "
-                            f"None, got {type(value).__name__}")
+            raise TypeError(
+                f"{label} must be a torchbayes.priors.Prior (e.g. ScaleMixturePrior(...)) or "
+                f"None, got {type(value).__name__}"
+            )
         return value
     if name in ("prior_sigma", "moped_delta"):
         return _positive(label, value)
@@ -193,8 +214,10 @@ def _checked(name: str, value: Any, label: str) -> Any:
 
 def _unknown(what: str, names: Iterable[str], valid: Iterable[str]) -> str:
     valid = list(valid)
-    hints = [f"{n!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(n), valid, 1))
-             else repr(n) for n in names]
+    hints = [
+        f"{n!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(str(n), valid, 1)) else repr(n)
+        for n in names
+    ]
     return f"{what} {', '.join(hints)}; valid: {', '.join(valid)}"
 
 
@@ -242,8 +265,10 @@ class ConversionSettings:
         for name in _SETTING_NAMES:
             object.__setattr__(self, name, _checked(name, getattr(self, name), name))
         if self.moped and self.prior is not None:
-            raise ValueError("moped sets Gaussian priors N(w, prior_sigma^2) centred on the weights; "
-                             "it cannot be combined with prior=")
+            raise ValueError(
+                "moped sets Gaussian priors N(w, prior_sigma^2) centred on the weights; "
+                "it cannot be combined with prior="
+            )
 
     def reference_dict(self) -> dict[str, Any]:
         """The same settings as the reference's seven-key ``bnn_prior_parameters``."""
@@ -261,13 +286,17 @@ def _resolve(bnn_prior_parameters: Mapping[str, Any] | None, keywords: Mapping[s
     chosen: dict[str, Any] = {}
     if bnn_prior_parameters is not None:
         if not isinstance(bnn_prior_parameters, Mapping):
-            raise TypeError("bnn_prior_parameters must be a dict like "
-                            f"{REFERENCE_PRIOR_PARAMETERS} (any subset of its keys), "
-                            f"got {type(bnn_prior_parameters).__name__}")
+            raise TypeError(
+                "bnn_prior_parameters must be a dict like "
+                f"{REFERENCE_PRIOR_PARAMETERS} (any subset of its keys), "
+                f"got {type(bnn_prior_parameters).__name__}"
+            )
         unknown = [k for k in bnn_prior_parameters if k not in _REFERENCE_KEYS]
         if unknown:
-            raise KeyError(_unknown("bnn_prior_parameters: unknown key(s)", unknown, _REFERENCE_KEYS)
-                           + " (or use the keywords: dnn_to_bnn(model, estimator=..., prior_sigma=...))")
+            raise KeyError(
+                _unknown("bnn_prior_parameters: unknown key(s)", unknown, _REFERENCE_KEYS)
+                + " (or use the keywords: dnn_to_bnn(model, estimator=..., prior_sigma=...))"
+            )
         for key, value in bnn_prior_parameters.items():
             chosen[_REFERENCE_KEYS[key]] = _checked(_REFERENCE_KEYS[key], value, _key(key))
     twice = [name for name in keywords if name in chosen]
@@ -325,12 +354,15 @@ def _compile_selector(selector: Selector, argument: str, names: list[str]) -> Pr
         return selector
     patterns = [selector] if isinstance(selector, str) else list(selector)
     if not all(isinstance(p, str) and p for p in patterns):
-        raise TypeError(f"{argument} must be a module name, a list of names/glob patterns, or a "
-                        f"predicate (name, module) -> bool, got {selector!r}")
+        raise TypeError(
+            f"{argument} must be a module name, a list of names/glob patterns, or a "
+            f"predicate (name, module) -> bool, got {selector!r}"
+        )
     for pattern in patterns:
         if not any(_in_scope(name, pattern) for name in names):
-            raise ValueError(f"{argument}: {pattern!r} matches no module of the model; "
-                             f"module names look like {names[1:6]}")
+            raise ValueError(
+                f"{argument}: {pattern!r} matches no module of the model; module names look like {names[1:6]}"
+            )
     return lambda name, _module: any(_in_scope(name, p) for p in patterns)
 
 
@@ -338,8 +370,9 @@ def _inside(name: str, prefixes: list[str]) -> bool:
     return any(p == "" or name.startswith(p + ".") for p in prefixes)
 
 
-def _plan(model: nn.Module, include: Predicate | None, exclude: Predicate | None
-          ) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+def _plan(
+    model: nn.Module, include: Predicate | None, exclude: Predicate | None
+) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
     """The (name, module) pairs to convert, and the selected ones left alone with why."""
     modules = list(model.named_modules())
     owners: dict[int, list[str]] = {}
@@ -365,11 +398,14 @@ def _plan(model: nn.Module, include: Predicate | None, exclude: Predicate | None
             continue
         closed.append(name)
         parent = next((p for p in reversed(opaque) if _inside(name, [p])), None)
-        shared = sorted({o for param in module._parameters.values() if param is not None
-                         for o in owners[id(param)] if o != name})
+        shared = sorted(
+            {o for param in module._parameters.values() if param is not None for o in owners[id(param)] if o != name}
+        )
         if parent is not None:
-            skipped[name] = (f"inside {type(model.get_submodule(parent)).__name__} {parent!r}, "
-                             "whose forward reads this layer's weights directly")
+            skipped[name] = (
+                f"inside {type(model.get_submodule(parent)).__name__} {parent!r}, "
+                "whose forward reads this layer's weights directly"
+            )
         elif shared:
             skipped[name] = f"its parameters are shared with {shared} (converting would untie them)"
         else:
@@ -378,8 +414,9 @@ def _plan(model: nn.Module, include: Predicate | None, exclude: Predicate | None
 
 
 # ---------------------------------------------------------------------- MOPED
-def _moped_layer(layer: BayesianModule, pretrained: Mapping[str, Tensor], delta: float,
-                 prior_sigma: Mapping[str, Tensor | float]) -> None:
+def _moped_layer(
+    layer: BayesianModule, pretrained: Mapping[str, Tensor], delta: float, prior_sigma: Mapping[str, Tensor | float]
+) -> None:
     """Posterior N(w, (delta |w|)^2) and prior N(w, prior_sigma^2) for each parameter."""
     with torch.no_grad():
         for name, mu, rho, _ in layer.variational_parameters():
@@ -390,24 +427,32 @@ def _moped_layer(layer: BayesianModule, pretrained: Mapping[str, Tensor], delta:
             layer.set_prior(name, GaussianPrior(w.clone(), prior_sigma[name]))
 
 
-def _layer_sources(layer: BayesianModule, layer_name: str, state: Mapping[str, Tensor]
-                   ) -> dict[str, Tensor]:
+def _layer_sources(layer: BayesianModule, layer_name: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The pretrained tensor of each variational parameter of ``layer``, shape-checked."""
     found = {}
     for name, mu, _, _ in layer.variational_parameters():
         key = f"{layer_name}.{name}" if layer_name else name
         if key not in state:
-            raise KeyError(f"moped: the pretrained model has no {key!r} for Bayesian layer "
-                           f"{layer_name!r} ({type(layer).__name__})")
+            raise KeyError(
+                f"moped: the pretrained model has no {key!r} for Bayesian layer {layer_name!r} ({type(layer).__name__})"
+            )
         if tuple(state[key].shape) != tuple(mu.shape):
-            raise ValueError(f"moped: pretrained {key!r} has shape {tuple(state[key].shape)}, but "
-                             f"{layer_name!r}.{name}_mu has shape {tuple(mu.shape)}")
+            raise ValueError(
+                f"moped: pretrained {key!r} has shape {tuple(state[key].shape)}, but "
+                f"{layer_name!r}.{name}_mu has shape {tuple(mu.shape)}"
+            )
         found[name] = state[key]
     return found
 
 
-def moped(model: ModelT, pretrained: nn.Module | Mapping[str, Tensor], delta: float = 0.5, *,
-          prior_sigma: float | None = None, load_deterministic: bool = True) -> ModelT:
+def moped(
+    model: ModelT,
+    pretrained: nn.Module | Mapping[str, Tensor],
+    delta: float = 0.5,
+    *,
+    prior_sigma: float | None = None,
+    load_deterministic: bool = True,
+) -> ModelT:
     """MOPED: priors and posteriors of a Bayesian model from pretrained deterministic weights.
 
     For every Bayesian layer ``name`` of ``model`` and each of its variational
@@ -440,8 +485,7 @@ def moped(model: ModelT, pretrained: nn.Module | Mapping[str, Tensor], delta: fl
     elif isinstance(pretrained, Mapping):
         state = pretrained
     else:
-        raise TypeError("moped: pretrained must be an nn.Module or a state_dict, "
-                        f"got {type(pretrained).__name__}")
+        raise TypeError(f"moped: pretrained must be an nn.Module or a state_dict, got {type(pretrained).__name__}")
     delta = _positive("moped: delta", delta)
     layers = _outermost_bayesian(model)
     if not layers:
@@ -457,8 +501,10 @@ def moped(model: ModelT, pretrained: nn.Module | Mapping[str, Tensor], delta: fl
             elif isinstance(prior, GaussianPrior):
                 sigmas[p] = prior.sigma.clone()
             else:
-                raise TypeError(f"moped: layer {name!r} has a {type(prior).__name__} prior; "
-                                "MOPED sets Gaussian priors, so give prior_sigma")
+                raise TypeError(
+                    f"moped: layer {name!r} has a {type(prior).__name__} prior; "
+                    "MOPED sets Gaussian priors, so give prior_sigma"
+                )
         plans.append((layer, sources, sigmas))
     deterministic: dict[str, Tensor] = {}
     if load_deterministic:
@@ -472,16 +518,17 @@ def moped(model: ModelT, pretrained: nn.Module | Mapping[str, Tensor], delta: fl
     return model
 
 
-def _deterministic_state(model: nn.Module, bayesian: list[str], state: Mapping[str, Tensor]
-                         ) -> dict[str, Tensor]:
+def _deterministic_state(model: nn.Module, bayesian: list[str], state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     own = model.state_dict()
     wanted = {k: v for k, v in own.items() if not _inside(k, bayesian)}
     missing = [k for k in wanted if k not in state]
     wrong = [k for k in wanted if k in state and state[k].shape != wanted[k].shape]
     if missing or wrong:
-        raise ValueError(f"moped: the pretrained state lacks {missing[:5]} or has other shapes for "
-                         f"{wrong[:5]}; is it the same architecture? (load_deterministic=False "
-                         "skips non-Bayesian layers)")
+        raise ValueError(
+            f"moped: the pretrained state lacks {missing[:5]} or has other shapes for "
+            f"{wrong[:5]}; is it the same architecture? (load_deterministic=False "
+            "skips non-Bayesian layers)"
+        )
     return {k: state[k] for k in wanted}
 
 
@@ -491,8 +538,13 @@ def _prior_record(prior: Prior | None) -> dict[str, Any] | None:
     if prior is None:
         return None
     if type(prior) is ScaleMixturePrior:
-        return {"class": "ScaleMixturePrior", "pi": prior.pi, "sigma1": prior.sigma1, "sigma2": prior.sigma2,
-                "num_samples": prior.num_samples}
+        return {
+            "class": "ScaleMixturePrior",
+            "pi": prior.pi,
+            "sigma1": prior.sigma1,
+            "sigma2": prior.sigma2,
+            "num_samples": prior.num_samples,
+        }
     if type(prior) is GaussianPrior and prior.mu.numel() == 1 and prior.sigma.numel() == 1:
         return {"class": "GaussianPrior", "mu": float(prior.mu), "sigma": float(prior.sigma)}
     return {"class": f"{type(prior).__module__}.{type(prior).__qualname__}"}
@@ -506,8 +558,10 @@ def _prior_from_record(record: Mapping[str, Any] | None) -> Prior | None:
         return ScaleMixturePrior(**args)
     if record["class"] == "GaussianPrior":
         return GaussianPrior(**args)
-    raise ValueError(f"cannot rebuild a {record['class']} prior from a conversion record; convert the "
-                     "model with the same prior= yourself, then load its state_dict")
+    raise ValueError(
+        f"cannot rebuild a {record['class']} prior from a conversion record; convert the "
+        "model with the same prior= yourself, then load its state_dict"
+    )
 
 
 @dataclass(frozen=True)
@@ -532,15 +586,23 @@ class ConversionReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python types (for JSON or a ``weights_only`` checkpoint)."""
-        return {"prior_parameters": dict(self.prior_parameters), "converted": list(self.converted),
-                "skipped": dict(self.skipped), "prior": None if self.prior is None else dict(self.prior)}
+        return {
+            "prior_parameters": dict(self.prior_parameters),
+            "converted": list(self.converted),
+            "skipped": dict(self.skipped),
+            "prior": None if self.prior is None else dict(self.prior),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConversionReport:
         """Inverse of :meth:`to_dict`."""
         prior = data.get("prior")
-        return cls(normalize_prior_parameters(data["prior_parameters"]), tuple(data["converted"]),
-                   dict(data.get("skipped", {})), None if prior is None else dict(prior))
+        return cls(
+            normalize_prior_parameters(data["prior_parameters"]),
+            tuple(data["converted"]),
+            dict(data.get("skipped", {})),
+            None if prior is None else dict(prior),
+        )
 
     def settings(self) -> ConversionSettings:
         """The :class:`ConversionSettings` of the call (rebuilding its ``prior`` object)."""
@@ -644,13 +706,19 @@ def dnn_to_bnn(
         >>> dnn_to_bnn(other, {"type": "Flipout"}, include=["fc"])  # last-layer Bayesian
     """
     if unknown:
-        raise TypeError(_unknown("dnn_to_bnn: unknown keyword(s)", unknown,
-                                 [*_SETTING_NAMES, "include", "exclude"]))
+        raise TypeError(_unknown("dnn_to_bnn: unknown keyword(s)", unknown, [*_SETTING_NAMES, "include", "exclude"]))
     if not isinstance(model, nn.Module):
         raise TypeError(f"dnn_to_bnn: model must be an nn.Module, got {type(model).__name__}")
-    given = {"estimator": estimator, "prior_mu": prior_mu, "prior_sigma": prior_sigma,
-             "posterior_mu_init": posterior_mu_init, "posterior_rho_init": posterior_rho_init,
-             "moped": moped, "moped_delta": moped_delta, "prior": prior}
+    given = {
+        "estimator": estimator,
+        "prior_mu": prior_mu,
+        "prior_sigma": prior_sigma,
+        "posterior_mu_init": posterior_mu_init,
+        "posterior_rho_init": posterior_rho_init,
+        "moped": moped,
+        "moped_delta": moped_delta,
+        "prior": prior,
+    }
     settings = _resolve(bnn_prior_parameters, {k: v for k, v in given.items() if v is not None})
     return _convert(model, settings, include, exclude)
 
@@ -658,17 +726,21 @@ def dnn_to_bnn(
 def _convert(model: ModelT, settings: ConversionSettings, include: Selector, exclude: Selector) -> ModelT:
     """:func:`dnn_to_bnn` with its settings resolved."""
     names = [name for name, _ in model.named_modules()]
-    candidates, skipped = _plan(model, _compile_selector(include, "include", names),
-                                _compile_selector(exclude, "exclude", names))
+    candidates, skipped = _plan(
+        model, _compile_selector(include, "include", names), _compile_selector(exclude, "exclude", names)
+    )
     if not candidates:
         raise ValueError(
             "dnn_to_bnn: nothing to convert: no selected nn.Linear / nn.Conv* / nn.ConvTranspose* "
-            f"(or registered) layer in {type(model).__name__}"
-            + (f"; left deterministic: {skipped}" if skipped else ""))
+            f"(or registered) layer in {type(model).__name__}" + (f"; left deterministic: {skipped}" if skipped else "")
+        )
     bayes_kwargs: dict[str, Any] = {
-        "prior_mu": settings.prior_mu, "prior_sigma": settings.prior_sigma,
-        "posterior_mu_init": settings.posterior_mu_init, "posterior_rho_init": settings.posterior_rho_init,
-        "estimator": settings.estimator}
+        "prior_mu": settings.prior_mu,
+        "prior_sigma": settings.prior_sigma,
+        "posterior_mu_init": settings.posterior_mu_init,
+        "posterior_rho_init": settings.posterior_rho_init,
+        "estimator": settings.estimator,
+    }
     if settings.prior is not None:
         bayes_kwargs["prior"] = settings.prior
     replacements: dict[int, nn.Module] = {}
@@ -678,14 +750,14 @@ def _convert(model: ModelT, settings: ConversionSettings, include: Selector, exc
         try:
             layer = twin.from_torch(module, **bayes_kwargs)
         except (TypeError, ValueError) as error:
-            raise type(error)(f"dnn_to_bnn: cannot convert {name!r} ({type(module).__name__}): "
-                              f"{error}") from error
+            raise type(error)(f"dnn_to_bnn: cannot convert {name!r} ({type(module).__name__}): {error}") from error
         if settings.moped:
             sigma: dict[str, Tensor | float] = dict.fromkeys(layer.variational_names, settings.prior_sigma)
             _moped_layer(layer, dict(module.named_parameters(recurse=False)), settings.moped_delta, sigma)
         replacements[id(module)] = layer
-    report = ConversionReport(settings.reference_dict(), tuple(name for name, _ in candidates), skipped,
-                              _prior_record(settings.prior))
+    report = ConversionReport(
+        settings.reference_dict(), tuple(name for name, _ in candidates), skipped, _prior_record(settings.prior)
+    )
     if candidates[0][0] == "":
         model = replacements[id(model)]  # type: ignore[assignment]
     else:
@@ -693,9 +765,13 @@ def _convert(model: ModelT, settings: ConversionSettings, include: Selector, exc
     history = [*conversion_history(model), report]
     object.__setattr__(model, HISTORY_ATTRIBUTE, history)
     if skipped:
-        warnings.warn("dnn_to_bnn left these selected layers deterministic: "
-                      + "; ".join(f"{n!r} ({why})" for n, why in skipped.items())
-                      + ". Pass exclude=[...] to silence this.", UserWarning, stacklevel=3)
+        warnings.warn(
+            "dnn_to_bnn left these selected layers deterministic: "
+            + "; ".join(f"{n!r} ({why})" for n, why in skipped.items())
+            + ". Pass exclude=[...] to silence this.",
+            UserWarning,
+            stacklevel=3,
+        )
     return model
 
 

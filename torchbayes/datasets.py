@@ -80,8 +80,9 @@ def _raw(name: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"dataset must be one of {BUILTIN_DATASETS}, got {name!r}")
 
 
-def load_dataset(name: str = "digits", *, ood_classes: Sequence[int] = (),
-                 test_fraction: float = 0.25, seed: int = 0) -> DatasetSplits:
+def load_dataset(
+    name: str = "digits", *, ood_classes: Sequence[int] = (), test_fraction: float = 0.25, seed: int = 0
+) -> DatasetSplits:
     """Load a built-in data set as tensors, stratified into train and test splits.
 
     Args:
@@ -100,14 +101,15 @@ def load_dataset(name: str = "digits", *, ood_classes: Sequence[int] = (),
         (torch.Size([1082, 1, 8, 8]), 8)
     """
     images, labels = _raw(name)
-    return _split_arrays(name, images[:, None], labels, ood_classes=ood_classes,
-                         test_fraction=test_fraction, seed=seed)
+    return _split_arrays(name, images[:, None], labels, ood_classes=ood_classes, test_fraction=test_fraction, seed=seed)
 
 
 def _check_ood_classes(name: str, all_classes: Sequence[int], ood_classes: Sequence[int]) -> list[int]:
     if len(all_classes) < 2:
-        raise ValueError(f"{name!r} has {len(all_classes)} class{'es' if len(all_classes) != 1 else ''}; "
-                         "a classifier needs at least two")
+        raise ValueError(
+            f"{name!r} has {len(all_classes)} class{'es' if len(all_classes) != 1 else ''}; "
+            "a classifier needs at least two"
+        )
     unknown = [c for c in ood_classes if c not in all_classes]
     if unknown:
         raise ValueError(f"ood_classes {unknown} are not classes of {name!r} ({list(all_classes)})")
@@ -123,8 +125,16 @@ def _relabelling(all_classes: Sequence[int], kept: Sequence[int]) -> np.ndarray:
     return relabel
 
 
-def _split_arrays(name: str, images: np.ndarray, labels: np.ndarray, *, ood_classes: Sequence[int],
-                  test_fraction: float, seed: int, class_names: tuple[str, ...] = ()) -> DatasetSplits:
+def _split_arrays(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    ood_classes: Sequence[int],
+    test_fraction: float,
+    seed: int,
+    class_names: tuple[str, ...] = (),
+) -> DatasetSplits:
     """Stratified train/test split of ``images`` ``(N, C, H, W)``, holding ``ood_classes`` out."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
@@ -134,8 +144,10 @@ def _split_arrays(name: str, images: np.ndarray, labels: np.ndarray, *, ood_clas
     scarce = [c for c in kept if counts[c] < 2]
     if scarce:
         which = class_names[scarce[0]] if class_names else scarce[0]
-        raise ValueError(f"class {which!r} of {name!r} has {counts[scarce[0]]} example; each class needs at "
-                         "least 2 (one to train on, one to test)")
+        raise ValueError(
+            f"class {which!r} of {name!r} has {counts[scarce[0]]} example; each class needs at "
+            "least 2 (one to train on, one to test)"
+        )
     rng = np.random.default_rng(seed)
     train_parts, test_parts = [], []
     for c in kept:  # stratified split, so every class is in both parts
@@ -153,17 +165,26 @@ def _split_arrays(name: str, images: np.ndarray, labels: np.ndarray, *, ood_clas
 
     return DatasetSplits(
         name=name,
-        train_x=images_of(train_idx), train_y=torch.from_numpy(relabel[labels[train_idx]]),
-        test_x=images_of(test_idx), test_y=torch.from_numpy(relabel[labels[test_idx]]),
+        train_x=images_of(train_idx),
+        train_y=torch.from_numpy(relabel[labels[train_idx]]),
+        test_x=images_of(test_idx),
+        test_y=torch.from_numpy(relabel[labels[test_idx]]),
         ood_x=images_of(np.flatnonzero(ood_mask)),
-        classes=tuple(kept), ood_classes=tuple(int(c) for c in ood_classes),
+        classes=tuple(kept),
+        ood_classes=tuple(int(c) for c in ood_classes),
         class_names=class_names,
     )
 
 
-def load_image_dataset(source: str, *, data_root: str | os.PathLike[str] | None = None,
-                       image_size: int | None = None, ood_classes: Sequence[int] = (),
-                       test_fraction: float = 0.25, seed: int = 0) -> DatasetSplits:
+def load_image_dataset(
+    source: str,
+    *,
+    data_root: str | os.PathLike[str] | None = None,
+    image_size: int | None = None,
+    ood_classes: Sequence[int] = (),
+    test_fraction: float = 0.25,
+    seed: int = 0,
+) -> DatasetSplits:
     """Load a built-in data set, a torchvision data set on disk, or a folder of images.
 
     Args:
@@ -194,14 +215,18 @@ def load_image_dataset(source: str, *, data_root: str | os.PathLike[str] | None 
         return load_dataset(source, ood_classes=ood_classes, test_fraction=test_fraction, seed=seed)
     if source in TORCHVISION_DATASETS:
         if data_root is None:
-            raise ValueError(f"data_root is required for the torchvision data set {source!r}: "
-                             "the folder holding its files (nothing is downloaded)")
+            raise ValueError(
+                f"data_root is required for the torchvision data set {source!r}: "
+                "the folder holding its files (nothing is downloaded)"
+            )
         return _load_torchvision(source, Path(data_root).expanduser(), ood_classes)
     path = Path(source).expanduser()
     if os.sep in source or "/" in source or path.exists():
         return _load_image_folder(path, image_size, ood_classes, test_fraction, seed)
-    raise ValueError(f"dataset must be one of {BUILTIN_DATASETS + TORCHVISION_DATASETS} "
-                     f"or the path of an image folder, got {source!r}")
+    raise ValueError(
+        f"dataset must be one of {BUILTIN_DATASETS + TORCHVISION_DATASETS} "
+        f"or the path of an image folder, got {source!r}"
+    )
 
 
 def _load_torchvision(name: str, root: Path, ood_classes: Sequence[int]) -> DatasetSplits:
@@ -213,8 +238,9 @@ def _load_torchvision(name: str, root: Path, ood_classes: Sequence[int]) -> Data
     try:
         train, test = (cls(str(root), train=flag, download=False) for flag in (True, False))
     except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
-        raise FileNotFoundError(f"{name} not found in torchvision's format under {str(root)!r} "
-                                f"(torchbayes never downloads it): {e}") from e
+        raise FileNotFoundError(
+            f"{name} not found in torchvision's format under {str(root)!r} (torchbayes never downloads it): {e}"
+        ) from e
 
     def arrays(ds) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(ds.data, dtype=np.uint8)
@@ -228,16 +254,20 @@ def _load_torchvision(name: str, root: Path, ood_classes: Sequence[int]) -> Data
     train_in, test_in = ~np.isin(train_y, list(ood_classes)), ~np.isin(test_y, list(ood_classes))
     return DatasetSplits(
         name=name,
-        train_x=torch.from_numpy(train_x[train_in]), train_y=torch.from_numpy(relabel[train_y[train_in]]),
-        test_x=torch.from_numpy(test_x[test_in]), test_y=torch.from_numpy(relabel[test_y[test_in]]),
+        train_x=torch.from_numpy(train_x[train_in]),
+        train_y=torch.from_numpy(relabel[train_y[train_in]]),
+        test_x=torch.from_numpy(test_x[test_in]),
+        test_y=torch.from_numpy(relabel[test_y[test_in]]),
         ood_x=torch.from_numpy(test_x[~test_in]),  # OOD inputs from the test split only
-        classes=tuple(kept), ood_classes=tuple(int(c) for c in ood_classes),
+        classes=tuple(kept),
+        ood_classes=tuple(int(c) for c in ood_classes),
         class_names=tuple(getattr(train, "classes", ())),
     )
 
 
-def _load_image_folder(root: Path, image_size: int | None, ood_classes: Sequence[int],
-                       test_fraction: float, seed: int) -> DatasetSplits:
+def _load_image_folder(
+    root: Path, image_size: int | None, ood_classes: Sequence[int], test_fraction: float, seed: int
+) -> DatasetSplits:
     from torchvision import datasets, transforms
 
     if not root.is_dir():
@@ -249,11 +279,19 @@ def _load_image_folder(root: Path, image_size: int | None, ood_classes: Sequence
     try:
         folder = datasets.ImageFolder(str(root), transform=transform)
     except FileNotFoundError as e:  # no class folder or no image in them
-        raise ValueError(f"{str(root)!r} is not an image folder in ImageFolder layout "
-                         f"(root/<class name>/<image file>): {e}") from e
+        raise ValueError(
+            f"{str(root)!r} is not an image folder in ImageFolder layout (root/<class name>/<image file>): {e}"
+        ) from e
     # Convert every image to RGB so that grey and colour files stack together.
     folder.loader = lambda path: datasets.folder.default_loader(path).convert("RGB")
     images = torch.stack([folder[i][0] for i in range(len(folder))]).numpy()
     labels = np.asarray(folder.targets, dtype=np.int64)
-    return _split_arrays(str(root), images, labels, ood_classes=ood_classes,
-                         test_fraction=test_fraction, seed=seed, class_names=tuple(folder.classes))
+    return _split_arrays(
+        str(root),
+        images,
+        labels,
+        ood_classes=ood_classes,
+        test_fraction=test_fraction,
+        seed=seed,
+        class_names=tuple(folder.classes),
+    )

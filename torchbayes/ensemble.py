@@ -65,8 +65,9 @@ class Ensemble(nn.Module):
     def __init__(self, members: Iterable[nn.Module]) -> None:
         super().__init__()
         if isinstance(members, nn.Module) and not isinstance(members, nn.ModuleList):
-            raise TypeError("members must be an iterable of nn.Module (e.g. a list), got a single "
-                            f"{type(members).__name__}")
+            raise TypeError(
+                f"members must be an iterable of nn.Module (e.g. a list), got a single {type(members).__name__}"
+            )
         members = list(members)
         if not members:
             raise ValueError("members must hold at least one nn.Module, got none")
@@ -75,8 +76,9 @@ class Ensemble(nn.Module):
                 raise TypeError(f"members[{i}] must be an nn.Module, got {type(member).__name__}")
         devices = {t.device for m in members for t in (*m.parameters(), *m.buffers())}
         if len(devices) > 1:
-            raise ValueError(f"members must all be on one device, got {sorted(map(str, devices))}; "
-                             "move them with .to(device) first")
+            raise ValueError(
+                f"members must all be on one device, got {sorted(map(str, devices))}; move them with .to(device) first"
+            )
         self.members = nn.ModuleList(members)
         self._stacked: tuple[tuple[Any, ...], dict[str, Tensor], dict[str, Tensor]] | None = None
         self._vmap_failed = False
@@ -211,8 +213,7 @@ class Ensemble(nn.Module):
 
 
 def _signature(module: nn.Module) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
-    return tuple((name, tuple(t.shape), t.dtype)
-                 for name, t in (*module.named_parameters(), *module.named_buffers()))
+    return tuple((name, tuple(t.shape), t.dtype) for name, t in (*module.named_parameters(), *module.named_buffers()))
 
 
 def _vmapped_forward(template: nn.Module, training: bool) -> Callable[..., Tensor]:
@@ -223,9 +224,19 @@ def _vmapped_forward(template: nn.Module, training: bool) -> Callable[..., Tenso
     return vmap(member_forward, in_dims=(0, 0, None), randomness="different" if training else "error")
 
 
-def fit_ensemble(ensemble: Ensemble, inputs: Tensor, targets: Tensor, *, loss: LossFn = F.cross_entropy,
-                 epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
-                 seed: int = 0, vectorize: bool | None = None) -> list[float]:
+def fit_ensemble(
+    ensemble: Ensemble,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    loss: LossFn = F.cross_entropy,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    vectorize: bool | None = None,
+) -> list[float]:
     """Train every member of ``ensemble`` with Adam on ``(inputs, targets)``, in place.
 
     Each member sees the data in its own random order (members differ by their
@@ -261,8 +272,9 @@ def fit_ensemble(ensemble: Ensemble, inputs: Tensor, targets: Tensor, *, loss: L
     if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
         raise TypeError("inputs and targets must be Tensors")
     if len(inputs) != len(targets) or len(inputs) == 0:
-        raise ValueError(f"inputs and targets must hold the same number (>= 1) of examples, got "
-                         f"{len(inputs)} and {len(targets)}")
+        raise ValueError(
+            f"inputs and targets must hold the same number (>= 1) of examples, got {len(inputs)} and {len(targets)}"
+        )
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -286,8 +298,16 @@ def fit_ensemble(ensemble: Ensemble, inputs: Tensor, targets: Tensor, *, loss: L
     return history
 
 
-def _fit_vectorized(ensemble: Ensemble, inputs: Tensor, targets: Tensor, orders: Tensor, loss: LossFn,
-                    batch_size: int, lr: float, weight_decay: float) -> list[float]:
+def _fit_vectorized(
+    ensemble: Ensemble,
+    inputs: Tensor,
+    targets: Tensor,
+    orders: Tensor,
+    loss: LossFn,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+) -> list[float]:
     params, buffers = stack_module_state(list(ensemble.members))
     template = ensemble._template()
 
@@ -300,7 +320,7 @@ def _fit_vectorized(ensemble: Ensemble, inputs: Tensor, targets: Tensor, orders:
     for epoch_orders in orders:
         total = 0.0
         for first in range(0, orders.shape[-1], batch_size):
-            idx = epoch_orders[:, first:first + batch_size]  # (M, b): each member its own batch
+            idx = epoch_orders[:, first : first + batch_size]  # (M, b): each member its own batch
             losses = batched_loss(params, buffers, inputs[idx], targets[idx])
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()  # members' parameters are disjoint: independent gradients
@@ -315,14 +335,22 @@ def _fit_vectorized(ensemble: Ensemble, inputs: Tensor, targets: Tensor, orders:
     return history
 
 
-def _fit_loop(ensemble: Ensemble, inputs: Tensor, targets: Tensor, orders: Tensor, loss: LossFn,
-              batch_size: int, lr: float, weight_decay: float) -> list[float]:
+def _fit_loop(
+    ensemble: Ensemble,
+    inputs: Tensor,
+    targets: Tensor,
+    orders: Tensor,
+    loss: LossFn,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+) -> list[float]:
     totals = [0.0] * orders.shape[0]
     for i, member in enumerate(ensemble.members):
         optimizer = torch.optim.Adam(member.parameters(), lr=lr, weight_decay=weight_decay)
         for epoch, epoch_orders in enumerate(orders):
             for first in range(0, orders.shape[-1], batch_size):
-                idx = epoch_orders[i, first:first + batch_size]
+                idx = epoch_orders[i, first : first + batch_size]
                 value = loss(member(inputs[idx]), targets[idx])
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()

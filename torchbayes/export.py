@@ -70,13 +70,16 @@ def _batch_shapes(args: tuple[Any, ...], dynamic_batch: bool) -> tuple[Any, ...]
     for a in args:
         if isinstance(a, Tensor) and (a.dim() == 0 or a.shape[0] < 2):
             # torch.export specialises a size-1 dimension to the constant 1.
-            raise ValueError("with dynamic_batch=True every tensor in example_inputs needs a batch "
-                             f"dimension of size >= 2, got shape {tuple(a.shape)}")
+            raise ValueError(
+                "with dynamic_batch=True every tensor in example_inputs needs a batch "
+                f"dimension of size >= 2, got shape {tuple(a.shape)}"
+            )
     return tuple({0: batch} if isinstance(a, Tensor) else None for a in args)
 
 
-def export_program(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], *,
-                   stochastic: bool = False, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+def export_program(
+    model: nn.Module, example_inputs: Tensor | tuple[Any, ...], *, stochastic: bool = False, dynamic_batch: bool = True
+) -> torch.export.ExportedProgram:
     """``torch.export`` a Bayesian model for deployment.
 
     Args:
@@ -100,8 +103,14 @@ def export_program(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], *
         return torch.export.export(deployed, args, dynamic_shapes=_batch_shapes(args, dynamic_batch))
 
 
-def export_onnx(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], path: str | os.PathLike[str], *,
-                stochastic: bool = False, dynamic_batch: bool = True) -> torch.onnx.ONNXProgram:
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Tensor | tuple[Any, ...],
+    path: str | os.PathLike[str],
+    *,
+    stochastic: bool = False,
+    dynamic_batch: bool = True,
+) -> torch.onnx.ONNXProgram:
     """Export a Bayesian model to an ONNX file (``torch.onnx.export(..., dynamo=True)``).
 
     Args:
@@ -122,8 +131,9 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | tuple[Any, ...], path
     args = _as_args(example_inputs)
     deployed = deployable_model(model, stochastic=stochastic)
     with torch.no_grad():
-        program = torch.onnx.export(deployed, args, dynamo=True, verbose=False,
-                                    dynamic_shapes=_batch_shapes(args, dynamic_batch))
+        program = torch.onnx.export(
+            deployed, args, dynamo=True, verbose=False, dynamic_shapes=_batch_shapes(args, dynamic_batch)
+        )
     if program is None:  # only the legacy exporter (dynamo=False) returns None
         raise RuntimeError("export_onnx: torch.onnx.export returned no ONNXProgram")
     program.save(os.fspath(path))

@@ -44,13 +44,24 @@ def _layer_names(layer: BayesianModule, name: str) -> dict[str, str]:
     elif isinstance(layer, BayesLinear):
         weight = "weight"
     else:
-        raise NotImplementedError(f"checkpoint interchange supports linear and convolution layers; "
-                                  f"{name!r} is a {type(layer).__name__}")
-    table = {"weight_mu": f"mu_{weight}", "weight_rho": f"rho_{weight}",
-             "weight_prior.mu": "prior_weight_mu", "weight_prior.sigma": "prior_weight_sigma"}
+        raise NotImplementedError(
+            f"checkpoint interchange supports linear and convolution layers; {name!r} is a {type(layer).__name__}"
+        )
+    table = {
+        "weight_mu": f"mu_{weight}",
+        "weight_rho": f"rho_{weight}",
+        "weight_prior.mu": "prior_weight_mu",
+        "weight_prior.sigma": "prior_weight_sigma",
+    }
     if "bias" in layer.variational_names:
-        table.update({"bias_mu": "mu_bias", "bias_rho": "rho_bias",
-                      "bias_prior.mu": "prior_bias_mu", "bias_prior.sigma": "prior_bias_sigma"})
+        table.update(
+            {
+                "bias_mu": "mu_bias",
+                "bias_rho": "rho_bias",
+                "bias_prior.mu": "prior_bias_mu",
+                "bias_prior.sigma": "prior_bias_sigma",
+            }
+        )
     return table
 
 
@@ -79,8 +90,9 @@ def _compact(prior: Tensor) -> Tensor:
     return flat[0].clone() if flat.numel() > 0 and bool((flat == flat[0]).all()) else prior
 
 
-def load_reference_state_dict(model: nn.Module, source: nn.Module | Mapping[str, Tensor], *,
-                              strict: bool = True) -> nn.Module:
+def load_reference_state_dict(
+    model: nn.Module, source: nn.Module | Mapping[str, Tensor], *, strict: bool = True
+) -> nn.Module:
     """Load a Bayesian-Torch checkpoint into the equivalent torchbayes model.
 
     Args:
@@ -103,21 +115,23 @@ def load_reference_state_dict(model: nn.Module, source: nn.Module | Mapping[str,
     if isinstance(source, nn.Module):
         state = dict(source.state_dict())
         # The reference's priors are not in its state_dict: read its buffers instead.
-        state.update({k: v for k, v in source.named_buffers() if k.rsplit(".", 1)[-1].startswith("prior_")
-                      and v is not None})
+        state.update(
+            {k: v for k, v in source.named_buffers() if k.rsplit(".", 1)[-1].startswith("prior_") and v is not None}
+        )
     elif isinstance(source, Mapping):
         state = dict(source)
     else:
-        raise TypeError("source must be a Bayesian-Torch model or its state_dict, "
-                        f"got {type(source).__name__}")
+        raise TypeError(f"source must be a Bayesian-Torch model or its state_dict, got {type(source).__name__}")
     to_ours = {theirs: ours for ours, theirs in _key_table(model).items()}
     own = model.state_dict()
     incoming = {to_ours.get(k, k): v for k, v in state.items()}
     unexpected = [k for k in state if to_ours.get(k, k) not in own]
     missing = [k for k in own if k not in incoming and not _is_prior(k)]
     if strict and (unexpected or missing):
-        raise KeyError(f"load_reference_state_dict: unexpected keys {unexpected[:8]}, missing keys "
-                       f"{missing[:8]} (in torchbayes names); is it the same architecture?")
+        raise KeyError(
+            f"load_reference_state_dict: unexpected keys {unexpected[:8]}, missing keys "
+            f"{missing[:8]} (in torchbayes names); is it the same architecture?"
+        )
     merged = dict(own)
     for key, value in incoming.items():
         if key not in own:
@@ -132,8 +146,10 @@ def load_reference_state_dict(model: nn.Module, source: nn.Module | Mapping[str,
         else:
             ok = value.shape == own[key].shape
         if not ok:
-            raise ValueError(f"load_reference_state_dict: {key!r} has shape {tuple(value.shape)}, "
-                             f"the model expects {tuple(own[key].shape)}")
+            raise ValueError(
+                f"load_reference_state_dict: {key!r} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(own[key].shape)}"
+            )
         merged[key] = value
     model.load_state_dict(merged, strict=True)
     return model

@@ -49,20 +49,24 @@ def _wide_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _check_labels(labels: Tensor, n: int, num_classes: int | None, device: torch.device,
-                  caller: str) -> None:
+def _check_labels(labels: Tensor, n: int, num_classes: int | None, device: torch.device, caller: str) -> None:
     """Labels must be ``(n,)`` integer class indices in ``[0, num_classes)`` on ``device``."""
-    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() \
-            or labels.dtype == torch.bool:
+    if (
+        not isinstance(labels, Tensor)
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or labels.dtype == torch.bool
+    ):
         raise TypeError(f"{caller}: labels must be an integer tensor of class indices")
     if labels.shape != (n,):
-        raise ValueError(f"{caller}: labels must have shape ({n},) to match the predictions, "
-                         f"got {tuple(labels.shape)}")
+        raise ValueError(f"{caller}: labels must have shape ({n},) to match the predictions, got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"{caller}: labels are on {labels.device} but the predictions on {device}")
     if num_classes is not None and n and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{caller}: labels must be in [0, {num_classes - 1}], got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(
+            f"{caller}: labels must be in [0, {num_classes - 1}], got values in "
+            f"[{int(labels.min())}, {int(labels.max())}]"
+        )
 
 
 def _check_logits(logits: Tensor, caller: str) -> None:
@@ -70,8 +74,7 @@ def _check_logits(logits: Tensor, caller: str) -> None:
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(f"{caller}: logits must be a floating-point tensor")
     if logits.dim() not in (2, 3):
-        raise ValueError(f"{caller}: logits must have shape (N, C) or Monte Carlo (S, N, C), "
-                         f"got {tuple(logits.shape)}")
+        raise ValueError(f"{caller}: logits must have shape (N, C) or Monte Carlo (S, N, C), got {tuple(logits.shape)}")
     if logits.shape[-2] == 0:
         raise ValueError(f"{caller}: logits is an empty batch (N = 0)")
 
@@ -93,8 +96,10 @@ def _check_probs(probs: Tensor, labels: Tensor, caller: str) -> None:
         raise ValueError(f"{caller}: probs must be probabilities in [0, 1]; pass softmax(logits), not logits")
     deviation = (probs.sum(1, dtype=_wide_dtype(probs.device)) - 1).abs().max()
     if deviation > PROBS_SUM_TOLERANCE:
-        raise ValueError(f"{caller}: every row of probs must sum to 1 (within {PROBS_SUM_TOLERANCE}); "
-                         f"a row is off by {float(deviation):.3g}")
+        raise ValueError(
+            f"{caller}: every row of probs must sum to 1 (within {PROBS_SUM_TOLERANCE}); "
+            f"a row is off by {float(deviation):.3g}"
+        )
 
 
 def _confidence_and_correct(probs: Tensor, labels: Tensor, caller: str) -> tuple[Tensor, Tensor]:
@@ -243,8 +248,7 @@ def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = 15, *, adaptiv
     return CalibrationBins(edges, counts, sum_correct / safe_counts, sum_confidence / safe_counts)
 
 
-def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15, *,
-                               adaptive: bool = False) -> Tensor:
+def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15, *, adaptive: bool = False) -> Tensor:
     """Expected calibration error ``sum_b (n_b / N) |acc_b - conf_b|``.
 
     Args:
@@ -262,8 +266,7 @@ def expected_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15, 
     return calibration_bins(probs, labels, n_bins, adaptive=adaptive).expected_calibration_error
 
 
-def maximum_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15, *,
-                              adaptive: bool = False) -> Tensor:
+def maximum_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15, *, adaptive: bool = False) -> Tensor:
     """Maximum calibration error ``max_b |acc_b - conf_b|`` over non-empty bins.
 
     Args and Returns as :func:`expected_calibration_error`.
@@ -344,8 +347,9 @@ def _check_selective(uncertainty: Tensor, correct: Tensor, caller: str) -> None:
     if not isinstance(uncertainty, Tensor) or uncertainty.dim() != 1 or uncertainty.numel() == 0:
         raise ValueError(f"{caller}: uncertainty must be a non-empty 1-D tensor")
     if not isinstance(correct, Tensor) or correct.dtype != torch.bool or correct.shape != uncertainty.shape:
-        raise ValueError(f"{caller}: correct must be a bool tensor of shape {tuple(uncertainty.shape)} "
-                         "(prediction == label)")
+        raise ValueError(
+            f"{caller}: correct must be a bool tensor of shape {tuple(uncertainty.shape)} (prediction == label)"
+        )
     if correct.device != uncertainty.device:
         raise ValueError(f"{caller}: uncertainty and correct are on different devices")
     if torch.isnan(uncertainty).any():
@@ -424,8 +428,9 @@ def referral_curve(uncertainty: Tensor, correct: Tensor, fractions: Sequence[flo
     """
     fractions = torch.as_tensor(fractions, dtype=torch.float64).reshape(-1)
     if fractions.numel() == 0 or not ((fractions >= 0) & (fractions < 1)).all():
-        raise ValueError(f"referral_curve: fractions must be a non-empty sequence of numbers in [0, 1), "
-                         f"got {fractions.tolist()}")
+        raise ValueError(
+            f"referral_curve: fractions must be a non-empty sequence of numbers in [0, 1), got {fractions.tolist()}"
+        )
     _, risk = risk_coverage_curve(uncertainty, correct)
     n = risk.numel()
     kept = (n - torch.round(fractions * n).long()).clamp_min(1)

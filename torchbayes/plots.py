@@ -39,9 +39,15 @@ def _finish(fig: Figure, path: str | os.PathLike[str] | None) -> Figure:
     return fig
 
 
-def reliability_diagram(probs: Tensor, labels: Tensor, n_bins: int = 15, *, adaptive: bool = False,
-                        title: str = "Reliability diagram",
-                        path: str | os.PathLike[str] | None = None) -> Figure:
+def reliability_diagram(
+    probs: Tensor,
+    labels: Tensor,
+    n_bins: int = 15,
+    *,
+    adaptive: bool = False,
+    title: str = "Reliability diagram",
+    path: str | os.PathLike[str] | None = None,
+) -> Figure:
     """Accuracy against confidence per bin, with the ECE in the title.
 
     Bars show each bin's accuracy, red "gap" boxes the difference to its mean confidence;
@@ -72,10 +78,27 @@ def reliability_diagram(probs: Tensor, labels: Tensor, n_bins: int = 15, *, adap
     filled = counts > 0
     fig = _new_figure((5.0, 6.0))
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
-    top.bar(edges[:-1][filled], acc[filled], width=widths[filled], align="edge",
-            edgecolor="black", color="tab:blue", label="accuracy")
-    top.bar(edges[:-1][filled], (conf - acc)[filled], bottom=acc[filled], width=widths[filled], align="edge",
-            edgecolor="tab:red", color="tab:red", alpha=0.3, hatch="//", label="gap to confidence")
+    top.bar(
+        edges[:-1][filled],
+        acc[filled],
+        width=widths[filled],
+        align="edge",
+        edgecolor="black",
+        color="tab:blue",
+        label="accuracy",
+    )
+    top.bar(
+        edges[:-1][filled],
+        (conf - acc)[filled],
+        bottom=acc[filled],
+        width=widths[filled],
+        align="edge",
+        edgecolor="tab:red",
+        color="tab:red",
+        alpha=0.3,
+        hatch="//",
+        label="gap to confidence",
+    )
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=f"{title} (ECE = {100 * ece:.2f}%)")
     top.legend(loc="upper left")
@@ -84,8 +107,14 @@ def reliability_diagram(probs: Tensor, labels: Tensor, n_bins: int = 15, *, adap
     return _finish(fig, path)
 
 
-def uncertainty_histogram(in_scores: Tensor, out_scores: Tensor, *, label: str = "predictive entropy",
-                          bins: int = 30, path: str | os.PathLike[str] | None = None) -> Figure:
+def uncertainty_histogram(
+    in_scores: Tensor,
+    out_scores: Tensor,
+    *,
+    label: str = "predictive entropy",
+    bins: int = 30,
+    path: str | os.PathLike[str] | None = None,
+) -> Figure:
     """Histograms of an uncertainty score for in- and out-of-distribution inputs.
 
     Densities share the same bins so the two can be compared; a good OOD detector
@@ -147,8 +176,13 @@ def risk_coverage_plot(uncertainty: Tensor, correct: Tensor, *, path: str | os.P
     ax.plot(coverage, risk, color="tab:blue")
     full_risk = float(risk[-1])
     ax.axhline(full_risk, color="gray", linestyle="--", linewidth=1, label=f"full coverage risk = {full_risk:.3f}")
-    ax.set(xlim=(0, 1), ylim=(0, max(1e-3, float(risk.max()) * 1.05)), xlabel="coverage", ylabel="risk (error rate)",
-           title=f"Risk-coverage curve (AURC = {float(risk.mean()):.4f})")
+    ax.set(
+        xlim=(0, 1),
+        ylim=(0, max(1e-3, float(risk.max()) * 1.05)),
+        xlabel="coverage",
+        ylabel="risk (error rate)",
+        title=f"Risk-coverage curve (AURC = {float(risk.mean()):.4f})",
+    )
     ax.legend()
     return _finish(fig, path)
 
@@ -157,9 +191,13 @@ def risk_coverage_plot(uncertainty: Tensor, correct: Tensor, *, path: str | os.P
 DEFAULT_REFERRAL_FRACTIONS: tuple[float, ...] = tuple(i / 100 for i in range(51))
 
 
-def referral_plot(curves: Mapping[str, tuple[Tensor, Tensor]],
-                  fractions: Sequence[float] = DEFAULT_REFERRAL_FRACTIONS, *,
-                  title: str = "Referral curve", path: str | os.PathLike[str] | None = None) -> Figure:
+def referral_plot(
+    curves: Mapping[str, tuple[Tensor, Tensor]],
+    fractions: Sequence[float] = DEFAULT_REFERRAL_FRACTIONS,
+    *,
+    title: str = "Referral curve",
+    path: str | os.PathLike[str] | None = None,
+) -> Figure:
     """Accuracy on the kept cases against the fraction referred, for several uncertainty scores.
 
     Each curve refers the most uncertain cases first (:func:`torchbayes.metrics.referral_curve`);
@@ -194,9 +232,18 @@ def referral_plot(curves: Mapping[str, tuple[Tensor, Tensor]],
         key = tuple(correct.cpu().tolist())
         if key not in random_seen:  # one random line per distinct set of predictions
             random_seen.add(key)
-            ax.axhline(float(correct.double().mean()), color=color, linestyle="--", linewidth=1,
-                       label=f"random referral ({label.split(',')[0]})")
-    ax.set(xlim=(float(x.min()), float(x.max())), xlabel="cases referred (%)",
-           ylabel="accuracy on the kept cases", title=title)
+            ax.axhline(
+                float(correct.double().mean()),
+                color=color,
+                linestyle="--",
+                linewidth=1,
+                label=f"random referral ({label.split(',')[0]})",
+            )
+    ax.set(
+        xlim=(float(x.min()), float(x.max())),
+        xlabel="cases referred (%)",
+        ylabel="accuracy on the kept cases",
+        title=title,
+    )
     ax.legend(fontsize="small")
     return _finish(fig, path)

@@ -52,8 +52,10 @@ def check_prior_sigma(sigma: Tensor, name: str = "prior_sigma") -> None:
     low = smallest_prior_sigma(sigma.dtype)
     smallest = float(sigma.min()) if sigma.numel() else low
     if not smallest >= low:
-        raise ValueError(f"{name} must be >= {low:.3g} in {str(sigma.dtype).removeprefix('torch.')} "
-                         f"(the KL term 1/(2 sigma^2) would overflow), got {smallest:g}")
+        raise ValueError(
+            f"{name} must be >= {low:.3g} in {str(sigma.dtype).removeprefix('torch.')} "
+            f"(the KL term 1/(2 sigma^2) would overflow), got {smallest:g}"
+        )
 
 
 def _as_tensor(value: float | Tensor, name: str) -> Tensor:
@@ -136,9 +138,7 @@ class GaussianPrior(Prior):
                     f"prior with layer.set_prior({name!r}, GaussianPrior(...))"
                 ) from None
             if torch.broadcast_shapes(t.shape, shape) != shape:
-                raise ValueError(
-                    f"prior_{attr} of shape {tuple(t.shape)} is larger than {name} {tuple(shape)}"
-                )
+                raise ValueError(f"prior_{attr} of shape {tuple(t.shape)} is larger than {name} {tuple(shape)}")
 
     def kl_divergence(self, mu: Tensor, rho: Tensor, reduction: str = "sum") -> Tensor:
         return BF.gaussian_kl(mu, rho, self.mu, self.sigma, reduction)
@@ -175,8 +175,7 @@ class ScaleMixturePrior(Prior):
         >>> layer = BayesLinear(4, 2, prior=ScaleMixturePrior(0.5, 1.0, math.exp(-6)))
     """
 
-    def __init__(self, pi: float = 0.5, sigma1: float = 1.0, sigma2: float = 0.0025,
-                 num_samples: int = 1) -> None:
+    def __init__(self, pi: float = 0.5, sigma1: float = 1.0, sigma2: float = 0.0025, num_samples: int = 1) -> None:
         super().__init__()
         if not 0.0 < pi < 1.0:
             raise ValueError(f"pi must be in (0, 1), got {pi}")
@@ -193,14 +192,13 @@ class ScaleMixturePrior(Prior):
         """Elementwise log density of ``w`` under the mixture."""
         comps = []
         for weight, sigma in ((self.pi, self.sigma1), (1.0 - self.pi, self.sigma2)):
-            comps.append(math.log(weight) - 0.5 * (w / sigma) ** 2
-                         - math.log(sigma) - 0.5 * math.log(2 * math.pi))
+            comps.append(math.log(weight) - 0.5 * (w / sigma) ** 2 - math.log(sigma) - 0.5 * math.log(2 * math.pi))
         return torch.logaddexp(comps[0], comps[1])
 
     def kl_divergence(self, mu: Tensor, rho: Tensor, reduction: str = "sum") -> Tensor:
-        cross_entropy = sum(
-            -self.log_prob(BF.sample_gaussian(mu, rho)).sum() for _ in range(self.num_samples)
-        ) / self.num_samples
+        cross_entropy = (
+            sum(-self.log_prob(BF.sample_gaussian(mu, rho)).sum() for _ in range(self.num_samples)) / self.num_samples
+        )
         total = cross_entropy - BF.gaussian_entropy_sum(rho)
         if reduction == "sum":
             return total

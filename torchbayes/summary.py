@@ -65,15 +65,13 @@ class ModelSummary:
         width = max([len(r.name) for r in self.layers] + [5])
         lines = [f"{'layer':<{width}}  {'type':<22} {'bayesian':>12} {'deterministic':>14}"]
         for r in self.layers:
-            lines.append(f"{r.name:<{width}}  {r.type:<22} {r.bayesian_weights:>12,} "
-                         f"{r.deterministic_parameters:>14,}")
+            lines.append(f"{r.name:<{width}}  {r.type:<22} {r.bayesian_weights:>12,} {r.deterministic_parameters:>14,}")
         mib = 2.0**20
         lines += [
             f"Bayesian layers: {self.bayesian_layers}; weights with a posterior: "
             f"{self.bayesian_weights:,} ({self.variational_parameters:,} variational parameters, "
             f"{self.bayesian_bytes / mib:.2f} MiB)",
-            f"Deterministic parameters: {self.deterministic_parameters:,} "
-            f"({self.deterministic_bytes / mib:.2f} MiB)",
+            f"Deterministic parameters: {self.deterministic_parameters:,} ({self.deterministic_bytes / mib:.2f} MiB)",
             f"Priors: {self.prior_elements:,} numbers ({self.prior_bytes / mib:.2f} MiB); "
             f"other buffers {self.buffer_bytes / mib:.2f} MiB; total {self.total_bytes / mib:.2f} MiB",
         ]
@@ -111,9 +109,14 @@ def model_summary(model: nn.Module) -> ModelSummary:
     for name, module in model.named_modules():
         own = [p for p in module._parameters.values() if p is not None]
         if own:
-            rows.append(LayerSummary(name, type(module).__name__,
-                                     sum(p.numel() for p in own if id(p) in means),
-                                     sum(p.numel() for p in own if id(p) not in variational)))
+            rows.append(
+                LayerSummary(
+                    name,
+                    type(module).__name__,
+                    sum(p.numel() for p in own if id(p) in means),
+                    sum(p.numel() for p in own if id(p) not in variational),
+                )
+            )
     params = list(model.parameters())
     buffers = list(model.buffers())
     return ModelSummary(

@@ -25,8 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["VarianceDecomposition", "entropy_decomposition", "expected_entropy", "mutual_information",
-           "predictive_entropy", "variance_decomposition"]
+__all__ = [
+    "VarianceDecomposition",
+    "entropy_decomposition",
+    "expected_entropy",
+    "mutual_information",
+    "predictive_entropy",
+    "variance_decomposition",
+]
 
 ArrayT = TypeVar("ArrayT", Tensor, np.ndarray)
 

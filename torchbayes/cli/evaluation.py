@@ -22,8 +22,7 @@ from torchbayes.nn.base import iter_bayesian_modules
 from torchbayes.prediction import ClassificationPrediction, predict
 from torchbayes.uncertainty import predictive_entropy
 
-__all__ = ["Predictions", "ModelEvaluation", "describe_data", "predict_dataset", "evaluate_classifier",
-           "METRIC_LABELS"]
+__all__ = ["Predictions", "ModelEvaluation", "describe_data", "predict_dataset", "evaluate_classifier", "METRIC_LABELS"]
 
 #: Metric keys of :attr:`ModelEvaluation.metrics`, with their labels in tables and reports.
 METRIC_LABELS: dict[str, str] = {
@@ -76,9 +75,15 @@ class ModelEvaluation:
 
 def describe_data(data: DatasetSplits) -> dict[str, Any]:
     """The data's name, split sizes and classes, as plain values for reports."""
-    return {"dataset": data.name, "train": len(data.train_x), "test": len(data.test_x), "ood": len(data.ood_x),
-            "classes": list(data.classes), "ood_classes": list(data.ood_classes),
-            "class_names": list(data.class_names)}
+    return {
+        "dataset": data.name,
+        "train": len(data.train_x),
+        "test": len(data.test_x),
+        "ood": len(data.ood_x),
+        "classes": list(data.classes),
+        "ood_classes": list(data.ood_classes),
+        "class_names": list(data.class_names),
+    }
 
 
 def _is_bayesian(model: nn.Module) -> bool:
@@ -90,9 +95,19 @@ def _samples_predictions(model: nn.Module, dropout: bool) -> bool:
     return dropout or isinstance(model, Ensemble) or _is_bayesian(model)
 
 
-def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch_size: int = 128,
-                    device: torch.device | str = "cpu", seed: int = 0, show_progress: bool = True,
-                    desc: str = "predicting", dropout: bool = False, prediction: str = "mc") -> Predictions:
+def predict_dataset(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    num_samples: int = 32,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    show_progress: bool = True,
+    desc: str = "predicting",
+    dropout: bool = False,
+    prediction: str = "mc",
+) -> Predictions:
     """Predict ``x`` in batches: Monte Carlo for a Bayesian model, one pass otherwise.
 
     Args:
@@ -117,9 +132,10 @@ def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch
     model.eval()
     probs, entropy, mi = [], [], []
     start = time.perf_counter()
-    for i, first in enumerate(progress_bar(range(0, len(x), batch_size), desc=desc, enabled=show_progress,
-                                           unit="batch")):
-        batch = x[first:first + batch_size].to(device)
+    for i, first in enumerate(
+        progress_bar(range(0, len(x), batch_size), desc=desc, enabled=show_progress, unit="batch")
+    ):
+        batch = x[first : first + batch_size].to(device)
         if bayesian:
             result = predict(model, batch, num_samples, seed=seed + i, dropout=dropout, method=prediction)
             assert isinstance(result, ClassificationPrediction)  # the default task
@@ -136,9 +152,19 @@ def predict_dataset(model: nn.Module, x: Tensor, *, num_samples: int = 32, batch
     return Predictions(torch.cat(probs), torch.cat(entropy), torch.cat(mi), seconds)
 
 
-def evaluate_classifier(model: nn.Module, data: DatasetSplits, *, name: str, num_samples: int = 32,
-                        batch_size: int = 128, device: torch.device | str = "cpu", seed: int = 0,
-                        show_progress: bool = True, dropout: bool = False, prediction: str = "mc") -> ModelEvaluation:
+def evaluate_classifier(
+    model: nn.Module,
+    data: DatasetSplits,
+    *,
+    name: str,
+    num_samples: int = 32,
+    batch_size: int = 128,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    show_progress: bool = True,
+    dropout: bool = False,
+    prediction: str = "mc",
+) -> ModelEvaluation:
     """Predict ``data``'s test and OOD inputs and compute every metric of the report.
 
     Metrics (keys of :data:`METRIC_LABELS`): accuracy, NLL, ECE (15 equal-width bins),
@@ -157,9 +183,15 @@ def evaluate_classifier(model: nn.Module, data: DatasetSplits, *, name: str, num
     """
     bayesian = _samples_predictions(model, dropout)
     samples = model.num_members if isinstance(model, Ensemble) and not _is_bayesian(model) else num_samples
-    kwargs: dict[str, Any] = {"num_samples": num_samples, "batch_size": batch_size, "device": device,
-                              "seed": seed, "show_progress": show_progress, "dropout": dropout,
-                              "prediction": prediction}
+    kwargs: dict[str, Any] = {
+        "num_samples": num_samples,
+        "batch_size": batch_size,
+        "device": device,
+        "seed": seed,
+        "show_progress": show_progress,
+        "dropout": dropout,
+        "prediction": prediction,
+    }
     test = predict_dataset(model, data.test_x, desc=f"{name}: test", **kwargs)
     ood = predict_dataset(model, data.ood_x, desc=f"{name}: OOD", **kwargs) if len(data.ood_x) else None
     evaluation = ModelEvaluation(name, bayesian, samples if bayesian else 1, test, data.test_y, ood)
@@ -171,8 +203,9 @@ def evaluate_classifier(model: nn.Module, data: DatasetSplits, *, name: str, num
         "brier": metrics.brier_score(test.probs, labels),
         "aurc": metrics.area_under_risk_coverage(test.entropy, evaluation.correct),
         "ood_auroc_entropy": None if ood is None else metrics.ood_auroc(test.entropy, ood.entropy),
-        "ood_auroc_mutual_information": (metrics.ood_auroc(test.mutual_information, ood.mutual_information)
-                                         if ood is not None and bayesian else None),
+        "ood_auroc_mutual_information": (
+            metrics.ood_auroc(test.mutual_information, ood.mutual_information) if ood is not None and bayesian else None
+        ),
         "predict_ms_per_image": 1000 * test.seconds / max(1, len(data.test_x)),
         "train_seconds": None,  # known to the caller (the training history), see the demo
     }

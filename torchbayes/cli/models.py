@@ -43,14 +43,24 @@ class LeNet5(nn.Module):
         channels, height, width = input_shape
         pad2 = 2 if min(height, width) // 2 < 12 else 0  # keep >= 1 pixel after pooling
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5, padding=pad2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 6, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5, padding=pad2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         with torch.device("meta"):  # size of the flattened features, without computing anything
             flat = self.features(torch.empty(1, *input_shape)).numel()
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(flat, 120), nn.ReLU(), *_dropout(dropout), nn.Linear(120, 84), nn.ReLU(),
-            *_dropout(dropout), nn.Linear(84, num_classes),
+            nn.Flatten(),
+            nn.Linear(flat, 120),
+            nn.ReLU(),
+            *_dropout(dropout),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            *_dropout(dropout),
+            nn.Linear(84, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,8 +72,9 @@ def _dropout(p: float) -> list[nn.Module]:
     return [nn.Dropout(p)] if p > 0 else []
 
 
-def _mlp(input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (400, 400),
-         dropout: float = 0.0) -> nn.Module:
+def _mlp(
+    input_shape: tuple[int, ...], num_classes: int, hidden: tuple[int, ...] = (400, 400), dropout: float = 0.0
+) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(input_shape)
     for h in hidden:
@@ -86,14 +97,26 @@ def _torchvision(name: str, input_shape: tuple[int, ...], num_classes: int) -> n
     channels, height, width = input_shape
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is not None and first_conv.in_channels != channels:
+
         def pair(size: tuple[int, ...]) -> tuple[int, int]:  # Conv2d stores its sizes as 2-tuples
             return size[0], size[1]
 
         padding = first_conv.padding if isinstance(first_conv.padding, str) else pair(first_conv.padding)
-        _replace_module(model, first_conv, nn.Conv2d(
-            channels, first_conv.out_channels, pair(first_conv.kernel_size), stride=pair(first_conv.stride),
-            padding=padding, dilation=pair(first_conv.dilation), groups=1,
-            bias=first_conv.bias is not None, padding_mode=first_conv.padding_mode))
+        _replace_module(
+            model,
+            first_conv,
+            nn.Conv2d(
+                channels,
+                first_conv.out_channels,
+                pair(first_conv.kernel_size),
+                stride=pair(first_conv.stride),
+                padding=padding,
+                dilation=pair(first_conv.dilation),
+                groups=1,
+                bias=first_conv.bias is not None,
+                padding_mode=first_conv.padding_mode,
+            ),
+        )
     if min(height, width) < _TORCHVISION_MIN_SIDE:
         model = nn.Sequential(nn.Upsample(size=(_TORCHVISION_MIN_SIDE,) * 2, mode="bilinear"), model)
     return model
@@ -142,11 +165,15 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, dr
         try:
             names = _torchvision_names()
         except ImportError as e:
-            raise ValueError(f"model must be one of {BUILTIN_MODELS}, got {name!r} "
-                             "(torchvision models need: pip install 'torchbayes[vision]')") from e
+            raise ValueError(
+                f"model must be one of {BUILTIN_MODELS}, got {name!r} "
+                "(torchvision models need: pip install 'torchbayes[vision]')"
+            ) from e
         if name not in names:
-            raise ValueError(f"model must be one of {BUILTIN_MODELS} or a torchvision classification "
-                             f"model such as resnet18, got {name!r}")
+            raise ValueError(
+                f"model must be one of {BUILTIN_MODELS} or a torchvision classification "
+                f"model such as resnet18, got {name!r}"
+            )
         model = _torchvision(name, input_shape, num_classes)
     _check_runs(model, name, input_shape, num_classes)
     return model
@@ -163,7 +190,9 @@ def _check_runs(model: nn.Module, name: str, input_shape: tuple[int, ...], num_c
             except Exception as e:  # torchvision models fail in many ways on unsuited inputs
                 raise ValueError(f"model {name!r} cannot take inputs of shape {tuple(input_shape)}: {e}") from e
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-                raise ValueError(f"model {name!r} does not return (batch, {num_classes}) logits "
-                                 f"for inputs of shape {tuple(input_shape)}")
+                raise ValueError(
+                    f"model {name!r} does not return (batch, {num_classes}) logits "
+                    f"for inputs of shape {tuple(input_shape)}"
+                )
     finally:
         model.train(was_training)

@@ -39,8 +39,17 @@ from torch import Tensor
 from torchbayes import metrics, plots
 from torchbayes.cli.evaluation import METRIC_LABELS, ModelEvaluation
 
-__all__ = ["Cell", "Figure", "Report", "Table", "check_report_folder", "check_writable_parent",
-           "comparison_table", "referral_results", "write_report"]
+__all__ = [
+    "Cell",
+    "Figure",
+    "Report",
+    "Table",
+    "check_report_folder",
+    "check_writable_parent",
+    "comparison_table",
+    "referral_results",
+    "write_report",
+]
 
 #: Fractions of cases referred whose accuracies go into the JSON (the plot uses 1% steps).
 REFERRAL_FRACTIONS: tuple[float, ...] = tuple(i / 20 for i in range(11))
@@ -54,9 +63,17 @@ TEMPLATE = "report.html.j2"
 _REPORT_ENTRIES = frozenset({REPORT_HTML, REPORT_JSON, IMAGES_DIR})
 
 #: For each metric, whether a larger value is better (used to mark the best model).
-_HIGHER_IS_BETTER = {"accuracy": True, "nll": False, "ece": False, "brier": False, "aurc": False,
-                     "ood_auroc_entropy": True, "ood_auroc_mutual_information": True,
-                     "predict_ms_per_image": False, "train_seconds": False}
+_HIGHER_IS_BETTER = {
+    "accuracy": True,
+    "nll": False,
+    "ece": False,
+    "brier": False,
+    "aurc": False,
+    "ood_auroc_entropy": True,
+    "ood_auroc_mutual_information": True,
+    "predict_ms_per_image": False,
+    "train_seconds": False,
+}
 
 
 @dataclass
@@ -144,9 +161,15 @@ def _make_figures(evaluations: Sequence[ModelEvaluation], images: Path) -> list[
         slug = _slug(e.name)
         path = images / f"reliability-{slug}.png"
         plots.reliability_diagram(e.test.probs, e.test_labels, 15, title=e.name, path=path)
-        figures.append(Figure("Reliability diagrams", f"{e.name}: reliability",
-                              "Accuracy against confidence on the test split; a calibrated model follows "
-                              "the diagonal. Red boxes are the gaps to confidence.", path))
+        figures.append(
+            Figure(
+                "Reliability diagrams",
+                f"{e.name}: reliability",
+                "Accuracy against confidence on the test split; a calibrated model follows "
+                "the diagonal. Red boxes are the gaps to confidence.",
+                path,
+            )
+        )
     for e in evaluations:
         if e.ood is None:
             continue
@@ -157,16 +180,28 @@ def _make_figures(evaluations: Sequence[ModelEvaluation], images: Path) -> list[
         for label, inside, outside, key in scores:
             path = images / f"uncertainty-{key}-{slug}.png"
             plots.uncertainty_histogram(inside, outside, label=label, path=path)
-            figures.append(Figure("Uncertainty on in- and out-of-distribution inputs", f"{e.name}: {label}",
-                                  f"{label.capitalize()} of the test inputs (classes seen in training) and of "
-                                  "the held-out classes; the less the histograms overlap, the better the "
-                                  "model flags what it does not know.", path))
+            figures.append(
+                Figure(
+                    "Uncertainty on in- and out-of-distribution inputs",
+                    f"{e.name}: {label}",
+                    f"{label.capitalize()} of the test inputs (classes seen in training) and of "
+                    "the held-out classes; the less the histograms overlap, the better the "
+                    "model flags what it does not know.",
+                    path,
+                )
+            )
     for e in evaluations:
         path = images / f"risk-coverage-{_slug(e.name)}.png"
         plots.risk_coverage_plot(e.test.entropy, e.correct, path=path)
-        figures.append(Figure("Risk-coverage curves", f"{e.name}: risk-coverage",
-                              "Error rate on the test inputs the model answers when it abstains on the most "
-                              "uncertain ones (by predictive entropy): lower curves are better.", path))
+        figures.append(
+            Figure(
+                "Risk-coverage curves",
+                f"{e.name}: risk-coverage",
+                "Error rate on the test inputs the model answers when it abstains on the most "
+                "uncertain ones (by predictive entropy): lower curves are better.",
+                path,
+            )
+        )
     return figures
 
 
@@ -183,8 +218,9 @@ def _referral_scores(evaluations: Sequence[ModelEvaluation]) -> dict[str, tuple[
     return scores
 
 
-def referral_results(evaluations: Sequence[ModelEvaluation],
-                     fractions: Sequence[float] = REFERRAL_FRACTIONS) -> dict[str, Any]:
+def referral_results(
+    evaluations: Sequence[ModelEvaluation], fractions: Sequence[float] = REFERRAL_FRACTIONS
+) -> dict[str, Any]:
     """The referral curves' numbers, as plain values for the JSON.
 
     Returns:
@@ -193,8 +229,10 @@ def referral_results(evaluations: Sequence[ModelEvaluation],
         uncertain ones is referred (:func:`torchbayes.metrics.referral_curve`), and the
         expected accuracy of random referral (the accuracy without referral), per model.
     """
-    curves = {label: metrics.referral_curve(u, c, fractions).tolist()
-              for label, (u, c) in _referral_scores(evaluations).items()}
+    curves = {
+        label: metrics.referral_curve(u, c, fractions).tolist()
+        for label, (u, c) in _referral_scores(evaluations).items()
+    }
     random = {e.name: float(e.correct.double().mean()) for e in evaluations}
     return {"fractions": [float(f) for f in fractions], "accuracy": curves, "random": random}
 
@@ -202,21 +240,30 @@ def referral_results(evaluations: Sequence[ModelEvaluation],
 def _referral_figure(evaluations: Sequence[ModelEvaluation], images: Path) -> Figure:
     path = images / "referral.png"
     plots.referral_plot(_referral_scores(evaluations), title="Referral curve (test split)", path=path)
-    return Figure("Referral curves", "referral",
-                  "Accuracy on the test cases each model keeps when it refers the most uncertain ones "
-                  "(e.g. to a doctor), for 0-50% referred. Dashed lines: random referral of the same "
-                  "predictions. A curve that climbs faster tells better which cases need a second opinion.",
-                  path)
+    return Figure(
+        "Referral curves",
+        "referral",
+        "Accuracy on the test cases each model keeps when it refers the most uncertain ones "
+        "(e.g. to a doctor), for 0-50% referred. Dashed lines: random referral of the same "
+        "predictions. A curve that climbs faster tells better which cases need a second opinion.",
+        path,
+    )
 
 
 def _referral_table(referral: Mapping[str, Any]) -> Table:
     labels = list(referral["accuracy"])
-    rows = [[f"{100 * f:.0f}%"] + [_percent(referral["accuracy"][label][i], 2) for label in labels]
-            for i, f in enumerate(referral["fractions"])]
+    rows = [
+        [f"{100 * f:.0f}%"] + [_percent(referral["accuracy"][label][i], 2) for label in labels]
+        for i, f in enumerate(referral["fractions"])
+    ]
     random = ", ".join(f"{name} {_percent(acc, 2)}" for name, acc in referral["random"].items())
-    return Table(["referred", *labels], rows, title="Referral",
-                 note="Accuracy on the kept test cases. Random referral keeps, on average, the accuracy "
-                      f"without referral: {random}.")
+    return Table(
+        ["referred", *labels],
+        rows,
+        title="Referral",
+        note="Accuracy on the kept test cases. Random referral keeps, on average, the accuracy "
+        f"without referral: {random}.",
+    )
 
 
 def _data_uri(path: Path) -> str:
@@ -235,14 +282,23 @@ def _metrics_table(evaluations: Sequence[ModelEvaluation]) -> Table:
     rows = []
     for key, label in METRIC_LABELS.items():
         best = _best(evaluations, key)
-        rows.append([Cell(label)] + [Cell(_format(key, e.metrics.get(key)),
-                                          best=best is not None and e.metrics.get(key) == best)
-                                     for e in evaluations])
-    return Table(["metric", *(e.name for e in evaluations)], rows, note=(
-        "Best value per row in bold. NLL: mean negative log-likelihood of the true class. ECE: expected "
-        "calibration error. AURC: area under the risk-coverage curve. OOD AUROC: how well the uncertainty "
-        "separates inputs of held-out classes from test inputs (0.5 = chance, 1 = perfect). Mutual "
-        "information is the epistemic part of the uncertainty, which only a Bayesian model has."))
+        rows.append(
+            [Cell(label)]
+            + [
+                Cell(_format(key, e.metrics.get(key)), best=best is not None and e.metrics.get(key) == best)
+                for e in evaluations
+            ]
+        )
+    return Table(
+        ["metric", *(e.name for e in evaluations)],
+        rows,
+        note=(
+            "Best value per row in bold. NLL: mean negative log-likelihood of the true class. ECE: expected "
+            "calibration error. AURC: area under the risk-coverage curve. OOD AUROC: how well the uncertainty "
+            "separates inputs of held-out classes from test inputs (0.5 = chance, 1 = perfect). Mutual "
+            "information is the epistemic part of the uncertainty, which only a Bayesian model has."
+        ),
+    )
 
 
 def _number(value: Any, spec: str) -> str:
@@ -253,19 +309,28 @@ def _number(value: Any, spec: str) -> str:
 
 
 def _percent(value: Any, digits: int) -> str:
-    text = _number(100 * value if isinstance(value, (int, float)) and not isinstance(value, bool) else None,
-                   f".{digits}f")
+    text = _number(
+        100 * value if isinstance(value, (int, float)) and not isinstance(value, bool) else None, f".{digits}f"
+    )
     return text if text == "n/a" else text + "%"
 
 
-_TRAINING_COLUMNS = (("epoch", "epoch", "g"), ("loss", "loss", ".4f"), ("NLL", "nll", ".4f"),
-                     ("KL / N", "kl_per_example", ".4f"), ("train accuracy", "train_accuracy", "%1"),
-                     ("test accuracy", "test_accuracy", "%1"), ("seconds", "seconds", ".1f"))
+_TRAINING_COLUMNS = (
+    ("epoch", "epoch", "g"),
+    ("loss", "loss", ".4f"),
+    ("NLL", "nll", ".4f"),
+    ("KL / N", "kl_per_example", ".4f"),
+    ("train accuracy", "train_accuracy", "%1"),
+    ("test accuracy", "test_accuracy", "%1"),
+    ("seconds", "seconds", ".1f"),
+)
 
 
 def _training_table(name: str, history: Sequence[Mapping[str, Any]]) -> Table:
-    rows = [[_percent(h.get(key), 1) if spec == "%1" else _number(h.get(key), spec)
-             for _, key, spec in _TRAINING_COLUMNS] for h in history]
+    rows = [
+        [_percent(h.get(key), 1) if spec == "%1" else _number(h.get(key), spec) for _, key, spec in _TRAINING_COLUMNS]
+        for h in history
+    ]
     return Table([label for label, _, _ in _TRAINING_COLUMNS], rows, title=name, subsection=True)
 
 
@@ -303,8 +368,10 @@ def check_report_folder(out_dir: str | Path) -> Path:
             raise ValueError(f"{str(directory)!r} is a file, not a folder")
         others = sorted(p.name for p in directory.iterdir() if p.name not in _REPORT_ENTRIES)
         if others:
-            raise ValueError(f"{str(directory)!r} holds files that are not a report's ({', '.join(others[:3])}"
-                             f"{', ...' if len(others) > 3 else ''}); give a new or empty folder")
+            raise ValueError(
+                f"{str(directory)!r} holds files that are not a report's ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); give a new or empty folder"
+            )
     check_writable_parent(directory)
     return directory
 
@@ -338,8 +405,10 @@ def check_writable_parent(path: str | Path) -> None:
     name_max = os.pathconf(ancestor, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
     for name in missing:
         if len(os.fsencode(name)) > name_max:
-            raise ValueError(f"the name {name[:40]!r}... is too long ({len(os.fsencode(name))} bytes; "
-                             f"this file system allows {name_max})")
+            raise ValueError(
+                f"the name {name[:40]!r}... is too long ({len(os.fsencode(name))} bytes; "
+                f"this file system allows {name_max})"
+            )
     try:
         with tempfile.TemporaryFile(dir=ancestor):
             pass
@@ -352,8 +421,12 @@ def _render(context: Mapping[str, Any]) -> str:
         import jinja2
     except ImportError as e:  # pragma: no cover - the 'cli' extra is missing
         raise ImportError("the report needs Jinja2: pip install 'torchbayes[cli]'") from e
-    env = jinja2.Environment(loader=jinja2.PackageLoader("torchbayes.cli", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("torchbayes.cli", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
     return env.get_template(TEMPLATE).render(**context)
 
 
@@ -387,10 +460,17 @@ def _swap_in(staging: Path, directory: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def write_report(out_dir: str | Path, evaluations: Sequence[ModelEvaluation], *, title: str,
-                 summary: str = "", settings: Mapping[str, Any] | None = None,
-                 histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
-                 referral: bool = False, tables: Sequence[Table] = ()) -> Report:
+def write_report(
+    out_dir: str | Path,
+    evaluations: Sequence[ModelEvaluation],
+    *,
+    title: str,
+    summary: str = "",
+    settings: Mapping[str, Any] | None = None,
+    histories: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    referral: bool = False,
+    tables: Sequence[Table] = (),
+) -> Report:
     """Write ``report.html``, ``results.json`` and ``images/*.png`` into ``out_dir``.
 
     Everything is written to a hidden sibling folder first and swapped in at the end:
@@ -423,15 +503,22 @@ def write_report(out_dir: str | Path, evaluations: Sequence[ModelEvaluation], *,
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        written = _write_files(staging, evaluations, title=title, summary=summary, settings=settings,
-                     histories=histories, referral=referral, tables=tables)
+        written = _write_files(
+            staging,
+            evaluations,
+            title=title,
+            summary=summary,
+            settings=settings,
+            histories=histories,
+            referral=referral,
+            tables=tables,
+        )
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the report from other users
         _swap_in(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    figures = [Figure(f.section, f.title, f.caption, directory / f.path.relative_to(staging))
-               for f in written]
+    figures = [Figure(f.section, f.title, f.caption, directory / f.path.relative_to(staging)) for f in written]
     return Report(directory, directory / REPORT_HTML, directory / REPORT_JSON, figures)
 
 
@@ -441,9 +528,17 @@ def _umask() -> int:
     return umask
 
 
-def _write_files(directory: Path, evaluations: Sequence[ModelEvaluation], *, title: str, summary: str,
-                 settings: Mapping[str, Any] | None, histories: Mapping[str, Sequence[Mapping[str, Any]]] | None,
-                 referral: bool, tables: Sequence[Table]) -> list[Figure]:
+def _write_files(
+    directory: Path,
+    evaluations: Sequence[ModelEvaluation],
+    *,
+    title: str,
+    summary: str,
+    settings: Mapping[str, Any] | None,
+    histories: Mapping[str, Sequence[Mapping[str, Any]]] | None,
+    referral: bool,
+    tables: Sequence[Table],
+) -> list[Figure]:
     """Write the report's files into the (empty) ``directory``; returns its figures."""
     images = directory / IMAGES_DIR
     images.mkdir()
@@ -460,8 +555,15 @@ def _write_files(directory: Path, evaluations: Sequence[ModelEvaluation], *, tit
         "created": created,
         "torchbayes_version": __version__,
         "settings": settings,
-        "models": {e.name: {"bayesian": e.bayesian, "num_samples": e.num_samples, "metrics": e.metrics,
-                            "training": list(histories.get(e.name, []))} for e in evaluations},
+        "models": {
+            e.name: {
+                "bayesian": e.bayesian,
+                "num_samples": e.num_samples,
+                "metrics": e.metrics,
+                "training": list(histories.get(e.name, [])),
+            }
+            for e in evaluations
+        },
         "metric_labels": METRIC_LABELS,
         "images": [str(f.path.relative_to(directory)) for f in figures],
     }
@@ -475,11 +577,18 @@ def _write_files(directory: Path, evaluations: Sequence[ModelEvaluation], *, tit
     for f in figures:
         href = str(f.path.relative_to(directory))
         sections.setdefault(f.section, []).append(_FigureView(f.title, f.caption, href, _data_uri(f.path)))
-    page = _render({
-        "title": title, "version": __version__, "created": created, "summary": summary,
-        "metrics": _metrics_table(evaluations), "tables": extra_tables, "sections": list(sections.items()),
-        "training": [_training_table(name, h) for name, h in histories.items() if h],
-        "settings_json": json.dumps(_json_safe(settings), indent=2),
-    })
+    page = _render(
+        {
+            "title": title,
+            "version": __version__,
+            "created": created,
+            "summary": summary,
+            "metrics": _metrics_table(evaluations),
+            "tables": extra_tables,
+            "sections": list(sections.items()),
+            "training": [_training_table(name, h) for name, h in histories.items() if h],
+            "settings_json": json.dumps(_json_safe(settings), indent=2),
+        }
+    )
     (directory / REPORT_HTML).write_text(page, encoding="utf-8")
     return figures

@@ -34,9 +34,21 @@ from torchbayes.nn import posterior_mean
 from torchbayes.nn.base import canonical_estimator
 from torchbayes.priors import smallest_prior_sigma
 
-__all__ = ["METHODS", "TrainConfig", "EpochSummary", "TrainingDiverged", "build_classifier", "model_label",
-           "train_model", "train_classifier", "training_warnings", "accuracy_of", "save_checkpoint",
-           "load_checkpoint", "Checkpoint"]
+__all__ = [
+    "METHODS",
+    "TrainConfig",
+    "EpochSummary",
+    "TrainingDiverged",
+    "build_classifier",
+    "model_label",
+    "train_model",
+    "train_classifier",
+    "training_warnings",
+    "accuracy_of",
+    "save_checkpoint",
+    "load_checkpoint",
+    "Checkpoint",
+]
 
 #: Bounds of the settings a checkpoint may carry (they are read from files a stranger may write).
 MAX_TEXT = 4096
@@ -65,7 +77,8 @@ def _check_type(name: str, value: Any, hint: Any) -> Any:
         (hint,) = [o for o in options if o is not type(None)]
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
             raise ValueError(f"{name} must be a list of integers, got {_show(value)}")
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -165,8 +178,10 @@ class TrainConfig:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if self.bayesian and self.prior_sigma < smallest_prior_sigma():
-            raise ValueError(f"prior_sigma must be >= {smallest_prior_sigma():.3g} (the KL term "
-                             f"1/(2 sigma^2) would overflow in float32), got {self.prior_sigma:g}")
+            raise ValueError(
+                f"prior_sigma must be >= {smallest_prior_sigma():.3g} (the KL term "
+                f"1/(2 sigma^2) would overflow in float32), got {self.prior_sigma:g}"
+            )
         _check_range("seed", self.seed, 0, MAX_SEED)
         _check_range("image_size", self.image_size, 1, MAX_SIDE)
         if not 0 < self.test_fraction < 1:
@@ -176,8 +191,7 @@ class TrainConfig:
         for name in ("dataset", "model", "data_root"):
             text = getattr(self, name)
             if text is not None and not (0 < len(text) <= MAX_TEXT and "\0" not in text):
-                raise ValueError(f"{name} must be a non-empty text of at most {MAX_TEXT} characters, "
-                                 f"got {_show(text)}")
+                raise ValueError(f"{name} must be a non-empty text of at most {MAX_TEXT} characters, got {_show(text)}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {_show(self.method)}")
         _check_range("pretrain_epochs", self.pretrain_epochs, 0, MAX_EPOCHS)
@@ -198,9 +212,15 @@ class TrainConfig:
 
     def prior_parameters(self) -> dict[str, Any]:
         """The reference's ``bnn_prior_parameters`` dictionary for :func:`torchbayes.dnn_to_bnn`."""
-        return {"prior_mu": self.prior_mu, "prior_sigma": self.prior_sigma, "posterior_mu_init": 0.0,
-                "posterior_rho_init": self.posterior_rho_init, "type": self.estimator,
-                "moped_enable": self.moped, "moped_delta": self.moped_delta}
+        return {
+            "prior_mu": self.prior_mu,
+            "prior_sigma": self.prior_sigma,
+            "posterior_mu_init": 0.0,
+            "posterior_rho_init": self.posterior_rho_init,
+            "type": self.estimator,
+            "moped_enable": self.moped,
+            "moped_delta": self.moped_delta,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as plain Python types (for JSON and checkpoints)."""
@@ -242,14 +262,21 @@ class EpochSummary:
     def line(self, epochs: int) -> str:
         """One line for the console."""
         kl = f"  kl/N {self.kl_per_example:.4f}" if self.kl_per_example else ""  # deterministic: no KL
-        text = (f"epoch {self.epoch:>{len(str(epochs))}}/{epochs}  loss {self.loss:.4f}  nll {self.nll:.4f}{kl}"
-                f"  train acc {100 * self.train_accuracy:5.1f}%  test acc {100 * self.test_accuracy:5.1f}%"
-                f"  {self.seconds:.1f}s")
+        text = (
+            f"epoch {self.epoch:>{len(str(epochs))}}/{epochs}  loss {self.loss:.4f}  nll {self.nll:.4f}{kl}"
+            f"  train acc {100 * self.train_accuracy:5.1f}%  test acc {100 * self.test_accuracy:5.1f}%"
+            f"  {self.seconds:.1f}s"
+        )
         return text + "".join(f"  {k} {v:.4f}" for k, v in self.extra.items())
 
 
-def build_classifier(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int, *,
-                     moped_source: dict[str, Tensor] | None = None) -> nn.Module:
+def build_classifier(
+    config: TrainConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    moped_source: dict[str, Tensor] | None = None,
+) -> nn.Module:
     """The model ``config`` describes: deterministic, or converted to Bayesian.
 
     Args:
@@ -266,8 +293,10 @@ def build_classifier(config: TrainConfig, input_shape: tuple[int, ...], num_clas
     if config.method == "dropout":
         model = build_model(config.model, input_shape, num_classes, dropout=config.dropout)
         if not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
-            raise ValueError(f"method 'dropout' needs dropout layers: model {config.model!r} has none (use mlp, "
-                             "lenet or a torchvision model with dropout, e.g. mobilenet_v3_small)")
+            raise ValueError(
+                f"method 'dropout' needs dropout layers: model {config.model!r} has none (use mlp, "
+                "lenet or a torchvision model with dropout, e.g. mobilenet_v3_small)"
+            )
         return model
     model = build_model(config.model, input_shape, num_classes)
     if not config.bayesian:
@@ -278,15 +307,21 @@ def build_classifier(config: TrainConfig, input_shape: tuple[int, ...], num_clas
         try:
             model.load_state_dict(moped_source)
         except RuntimeError as e:
-            raise CheckpointError(f"the MOPED source does not fit model {config.model!r} for inputs "
-                                  f"{tuple(input_shape)} and {num_classes} classes: {_first_line(e)}") from e
+            raise CheckpointError(
+                f"the MOPED source does not fit model {config.model!r} for inputs "
+                f"{tuple(input_shape)} and {num_classes} classes: {_first_line(e)}"
+            ) from e
     return dnn_to_bnn(model, config.prior_parameters(), include=_last_weight_layers(model, config.bayesian_layers))
 
 
 def model_label(config: TrainConfig) -> str:
     """How reports name the model ``config`` trains, e.g. ``"Bayesian lenet"``."""
-    kind = {"bayesian": "Bayesian", "deterministic": "deterministic", "dropout": "MC dropout",
-            "ensemble": f"{config.num_members}-member ensemble of"}[config.method]
+    kind = {
+        "bayesian": "Bayesian",
+        "deterministic": "deterministic",
+        "dropout": "MC dropout",
+        "ensemble": f"{config.num_members}-member ensemble of",
+    }[config.method]
     return f"{kind} {config.model}"
 
 
@@ -298,9 +333,15 @@ def _last_weight_layers(model: nn.Module, count: int) -> list[str] | None:
     return names[-count:]
 
 
-def train_model(config: TrainConfig, data: DatasetSplits, *, moped_source: dict[str, Tensor] | None = None,
-                device: torch.device | str = "cpu", show_progress: bool = True,
-                on_epoch: Callable[[EpochSummary], None] | None = None) -> tuple[nn.Module, list[EpochSummary]]:
+def train_model(
+    config: TrainConfig,
+    data: DatasetSplits,
+    *,
+    moped_source: dict[str, Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+    on_epoch: Callable[[EpochSummary], None] | None = None,
+) -> tuple[nn.Module, list[EpochSummary]]:
     """Build and train the model ``config`` describes, whatever its method.
 
     A Bayesian model with ``pretrain_epochs`` is trained in two phases: the
@@ -322,17 +363,20 @@ def train_model(config: TrainConfig, data: DatasetSplits, *, moped_source: dict[
     torch.manual_seed(config.seed)
     history: list[EpochSummary] = []
     if config.bayesian and config.pretrain_epochs and moped_source is None:
-        pretrain = replace(config, method="deterministic", epochs=config.pretrain_epochs, lr=config.pretrain_lr,
-                           avuc=False)
+        pretrain = replace(
+            config, method="deterministic", epochs=config.pretrain_epochs, lr=config.pretrain_lr, avuc=False
+        )
         deterministic = build_classifier(pretrain, data.input_shape, data.num_classes)
-        history = train_classifier(deterministic, data, pretrain, device=device, show_progress=show_progress,
-                                   on_epoch=on_epoch)
+        history = train_classifier(
+            deterministic, data, pretrain, device=device, show_progress=show_progress, on_epoch=on_epoch
+        )
         moped_source = {k: v.cpu() for k, v in deterministic.state_dict().items()}
     model = build_classifier(config, data.input_shape, data.num_classes, moped_source=moped_source)
     # A different seed for the second phase: its data order should not replay the first's.
     phase = replace(config, seed=config.seed + 1) if history else config
-    history += train_classifier(model, data, phase, device=device, show_progress=show_progress,
-                                on_epoch=on_epoch, first_epoch=len(history) + 1)
+    history += train_classifier(
+        model, data, phase, device=device, show_progress=show_progress, on_epoch=on_epoch, first_epoch=len(history) + 1
+    )
     return model, history
 
 
@@ -348,18 +392,24 @@ def accuracy_of(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device:
     correct = 0
     with torch.no_grad(), posterior_mean(model):
         for start in range(0, len(x), batch_size):
-            logits = model(x[start:start + batch_size].to(device))
+            logits = model(x[start : start + batch_size].to(device))
             if isinstance(model, Ensemble):
                 logits = _ensemble_logits(logits)
-            correct += int((logits.argmax(-1).cpu() == y[start:start + batch_size]).sum())
+            correct += int((logits.argmax(-1).cpu() == y[start : start + batch_size]).sum())
     model.train(was_training)
     return correct / max(1, len(x))
 
 
-def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig, *,
-                     device: torch.device | str = "cpu", show_progress: bool = True,
-                     on_epoch: Callable[[EpochSummary], None] | None = None,
-                     first_epoch: int = 1) -> list[EpochSummary]:
+def train_classifier(
+    model: nn.Module,
+    data: DatasetSplits,
+    config: TrainConfig,
+    *,
+    device: torch.device | str = "cpu",
+    show_progress: bool = True,
+    on_epoch: Callable[[EpochSummary], None] | None = None,
+    first_epoch: int = 1,
+) -> list[EpochSummary]:
     """Train ``model`` in place with Adam on ``data``'s training split.
 
     Deterministic models minimise the cross-entropy; Bayesian ones the negative ELBO
@@ -400,9 +450,10 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
         totals = {"loss": 0.0, "nll": 0.0, "avuc": 0.0, "correct": 0.0}
         seen_uncertainty, seen_correct = [], []
         batches = range(0, num_train, config.batch_size)
-        for step, first in enumerate(progress_bar(batches, desc=f"epoch {epoch}/{last_epoch}",
-                                                  enabled=show_progress, unit="batch"), 1):
-            idx = order[first:first + config.batch_size]
+        for step, first in enumerate(
+            progress_bar(batches, desc=f"epoch {epoch}/{last_epoch}", enabled=show_progress, unit="batch"), 1
+        ):
+            idx = order[first : first + config.batch_size]
             x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
             logits = model(x)
             if members:  # (M, B, C): the members' mean NLL; their sum is the loss
@@ -423,8 +474,10 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
             optimizer.step()
             step_loss = float(loss.detach())
             if not math.isfinite(step_loss):
-                raise TrainingDiverged(f"the loss became {step_loss} at epoch {epoch}, batch {step} of "
-                                       f"{len(batches)}; {_likely_cause(config)}")
+                raise TrainingDiverged(
+                    f"the loss became {step_loss} at epoch {epoch}, batch {step} of "
+                    f"{len(batches)}; {_likely_cause(config)}"
+                )
             totals["loss"] += step_loss * len(idx)
             totals["nll"] += float(nll.detach()) * len(idx)
             totals["correct"] += float((logits.argmax(-1) == y).sum())
@@ -435,7 +488,10 @@ def train_classifier(model: nn.Module, data: DatasetSplits, config: TrainConfig,
             raise TrainingDiverged(f"parameter {bad!r} became non-finite at epoch {epoch}; {_likely_cause(config)}")
         kl = float(kl_divergence(model).detach()) / num_train if bayesian else 0.0
         summary = EpochSummary(
-            epoch=epoch, loss=totals["loss"] / num_train, nll=totals["nll"] / num_train, kl_per_example=kl,
+            epoch=epoch,
+            loss=totals["loss"] / num_train,
+            nll=totals["nll"] / num_train,
+            kl_per_example=kl,
             train_accuracy=totals["correct"] / num_train,
             test_accuracy=accuracy_of(model, data.test_x, data.test_y, 512, device),
             seconds=time.perf_counter() - start,
@@ -456,11 +512,12 @@ def _ensemble_logits(member_logits: Tensor) -> Tensor:
 def _likely_cause(config: TrainConfig) -> str:
     """The setting most likely to blame for a divergence, and the flag to change."""
     if config.bayesian and config.posterior_rho_init > 5:
-        return (f"likely cause: --posterior-rho-init {config.posterior_rho_init:g} (initial posterior sigma "
-                f"{F.softplus(torch.tensor(config.posterior_rho_init)).item():.3g}) is too large; try -3")
+        return (
+            f"likely cause: --posterior-rho-init {config.posterior_rho_init:g} (initial posterior sigma "
+            f"{F.softplus(torch.tensor(config.posterior_rho_init)).item():.3g}) is too large; try -3"
+        )
     if config.bayesian and config.prior_sigma < 1e-3:
-        return (f"likely cause: --prior-sigma {config.prior_sigma:g} is tiny, so the KL term dominates; "
-                "try 0.1 to 1")
+        return f"likely cause: --prior-sigma {config.prior_sigma:g} is tiny, so the KL term dominates; try 0.1 to 1"
     if config.lr > 0.05:
         return f"likely cause: --lr {config.lr:g} is too large; try 1e-3"
     return f"try a smaller --lr than {config.lr:g}"
@@ -483,8 +540,7 @@ def training_warnings(history: Sequence[EpochSummary], data: DatasetSplits, conf
     losses = [h.loss for h in history]
     best, last = min(losses), losses[-1]
     if len(losses) > 1 and last > 10 * abs(best) and last - best > 1:
-        lines.append(f"the loss exploded from {best:.4g} to {last:.4g}: training is unstable "
-                     f"({_likely_cause(config)})")
+        lines.append(f"the loss exploded from {best:.4g} to {last:.4g}: training is unstable ({_likely_cause(config)})")
     # Chance: always answering the most frequent class. Above it, a model learnt something;
     # 3 binomial standard errors of that rate on N training examples is the margin of noise.
     counts = torch.bincount(data.train_y, minlength=data.num_classes).double()
@@ -493,20 +549,21 @@ def training_warnings(history: Sequence[EpochSummary], data: DatasetSplits, conf
     margin = 3 * math.sqrt(majority * (1 - majority) / n)
     accuracy = history[-1].train_accuracy
     if accuracy <= majority + margin:
-        lines.append(f"the final training accuracy {100 * accuracy:.1f}% is at chance level "
-                     f"({100 * majority:.1f}% for always answering the most frequent class): the model "
-                     f"did not learn ({_likely_cause(config)})")
+        lines.append(
+            f"the final training accuracy {100 * accuracy:.1f}% is at chance level "
+            f"({100 * majority:.1f}% for always answering the most frequent class): the model "
+            f"did not learn ({_likely_cause(config)})"
+        )
     return lines
 
 
-def _initial_avuc_threshold(model: nn.Module, data: DatasetSplits, config: TrainConfig,
-                            device: torch.device) -> float:
+def _initial_avuc_threshold(model: nn.Module, data: DatasetSplits, config: TrainConfig, device: torch.device) -> float:
     uncertainty, correct = [], []
     with torch.no_grad():
         for first in range(0, len(data.train_x), 512):
-            logits = model(data.train_x[first:first + 512].to(device))
+            logits = model(data.train_x[first : first + 512].to(device))
             uncertainty.append(avu_uncertainty(logits))
-            correct.append(logits.argmax(-1).cpu() == data.train_y[first:first + 512])
+            correct.append(logits.argmax(-1).cpu() == data.train_y[first : first + 512])
     return uncertainty_threshold(torch.cat(uncertainty).cpu(), torch.cat(correct))
 
 
@@ -526,9 +583,16 @@ class Checkpoint:
 _EXTRA_KEY = "torchbayes_cli"
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, config: TrainConfig, input_shape: tuple[int, ...],
-                    num_classes: int, history: Sequence[EpochSummary | Mapping[str, Any]] = (), *,
-                    int8: bool = False) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    config: TrainConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    history: Sequence[EpochSummary | Mapping[str, Any]] = (),
+    *,
+    int8: bool = False,
+) -> Path:
     """Save weights and settings with :func:`torchbayes.save_checkpoint` (atomically).
 
     :func:`load_checkpoint` rebuilds the model from the architecture name, input shape
@@ -547,8 +611,15 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: TrainConfig, inp
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     epochs = [h if isinstance(h, Mapping) else asdict(h) for h in history]
-    extra = {_EXTRA_KEY: {"config": config.to_dict(), "input_shape": list(input_shape),
-                          "num_classes": int(num_classes), "history": epochs, "int8": int8}}
+    extra = {
+        _EXTRA_KEY: {
+            "config": config.to_dict(),
+            "input_shape": list(input_shape),
+            "num_classes": int(num_classes),
+            "history": epochs,
+            "int8": int8,
+        }
+    }
     checkpoint.save_checkpoint(model, path, extra=extra)
     return path
 
@@ -565,16 +636,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     extra = payload.get("extra")
     settings = extra.get(_EXTRA_KEY) if isinstance(extra, dict) else None
     if not isinstance(settings, dict):
-        raise CheckpointError(f"{str(path)!r} is a torchbayes checkpoint but not one written by the "
-                              "torchbayes command (no model settings in it)")
+        raise CheckpointError(
+            f"{str(path)!r} is a torchbayes checkpoint but not one written by the "
+            "torchbayes command (no model settings in it)"
+        )
     try:
         config, input_shape, num_classes, history, int8 = _read_settings(settings)
     except ValueError as e:  # the settings are not covered by the digest: a crafted file lands here
         raise CheckpointError(f"{str(path)!r} has malformed settings: {e}") from None
     for name, tensor in payload["state_dict"].items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{str(path)!r} holds non-finite values (NaN or infinity) in {name!r}: "
-                                  "the training that wrote it diverged; retrain it")
+            raise CheckpointError(
+                f"{str(path)!r} holds non-finite values (NaN or infinity) in {name!r}: "
+                "the training that wrote it diverged; retrain it"
+            )
     if int8:
         # Same architecture, quantized; every INT8 tensor and range is then loaded.
         from torchbayes.quantization import quantize
@@ -594,19 +669,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 _SETTINGS_KEYS = frozenset({"config", "input_shape", "num_classes", "history", "int8"})
 
 
-def _read_settings(settings: Mapping[str, Any]) -> tuple[TrainConfig, tuple[int, ...], int,
-                                                         list[dict[str, Any]], bool]:
+def _read_settings(settings: Mapping[str, Any]) -> tuple[TrainConfig, tuple[int, ...], int, list[dict[str, Any]], bool]:
     """Validate the command's settings stored in a checkpoint (types, ranges, known keys)."""
     unknown = sorted(str(k)[:40] for k in settings if k not in _SETTINGS_KEYS)
     if unknown or not {"config", "input_shape", "num_classes"} <= settings.keys():
         raise ValueError(f"expected the keys {sorted(_SETTINGS_KEYS)}, got {sorted(str(k)[:40] for k in settings)}")
     config = TrainConfig.from_dict(settings["config"])
     shape = settings["input_shape"]
-    if (not isinstance(shape, (list, tuple)) or len(shape) != 3
-            or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_SIDE for s in shape)
-            or math.prod(shape) > 2**31):
-        raise ValueError(f"input_shape must be (channels, height, width), 3 integers in [1, {MAX_SIDE}], "
-                         f"got {_show(shape)}")
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) != 3
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_SIDE for s in shape)
+        or math.prod(shape) > 2**31
+    ):
+        raise ValueError(
+            f"input_shape must be (channels, height, width), 3 integers in [1, {MAX_SIDE}], got {_show(shape)}"
+        )
     num_classes = settings["num_classes"]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes must be an integer in [2, {MAX_CLASSES}], got {_show(num_classes)}")
@@ -630,8 +708,11 @@ def _read_history(history: Any) -> list[dict[str, Any]]:
             raise ValueError(f"{where} must be a dict with keys among {sorted(_EPOCH_FIELDS)}, got {_show(entry)}")
         for key, value in entry.items():
             if key == "extra":
-                if not isinstance(value, dict) or len(value) > 100 or not all(
-                        isinstance(k, str) and len(k) <= 100 and _is_number(v) for k, v in value.items()):
+                if (
+                    not isinstance(value, dict)
+                    or len(value) > 100
+                    or not all(isinstance(k, str) and len(k) <= 100 and _is_number(v) for k, v in value.items())
+                ):
                     raise ValueError(f"{where}['extra'] must map names to numbers, got {_show(value)}")
             elif not _is_number(value):
                 raise ValueError(f"{where}[{key!r}] must be a finite number, got {_show(value)}")

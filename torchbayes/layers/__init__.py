@@ -20,5 +20,6 @@ from torchbayes.layers.linear import *  # noqa: F403
 from torchbayes.layers.rnn import *  # noqa: F403
 from torchbayes.layers.tuple_passing import *  # noqa: F403
 
-__all__ = sorted(name for name, value in dict(globals()).items()
-                 if isinstance(value, type) and not name.startswith("_"))
+__all__ = sorted(
+    name for name, value in dict(globals()).items() if isinstance(value, type) and not name.startswith("_")
+)

@@ -40,8 +40,10 @@ REQUIRED = inspect.Parameter.empty
 
 #: The reference's prior/posterior arguments and their defaults, in its order.
 PRIOR_ARGUMENTS: tuple[tuple[str, Any], ...] = (
-    ("prior_mean", 0.0), ("prior_variance", 1.0),
-    ("posterior_mu_init", 0.0), ("posterior_rho_init", -3.0),
+    ("prior_mean", 0.0),
+    ("prior_variance", 1.0),
+    ("posterior_mu_init", 0.0),
+    ("posterior_rho_init", -3.0),
 )
 
 # The reference draws its initial posterior parameters with this standard deviation.
@@ -92,8 +94,9 @@ def _prior_alias(name: str, attr: str) -> property:
         parts = {"mu": prior.mu, "sigma": prior.sigma, attr: value}
         self.set_prior(name, GaussianPrior(parts["mu"], parts["sigma"]))  # validates value
 
-    return property(get, set, doc=f"Prior {attr} of ``{name}`` (the reference's "
-                                  f"``prior_{name}_{attr}``); per weight once read.")
+    return property(
+        get, set, doc=f"Prior {attr} of ``{name}`` (the reference's ``prior_{name}_{attr}``); per weight once read."
+    )
 
 
 def _check_reference_prior(owner: str, prior_mean: Any, prior_variance: Any) -> None:
@@ -102,8 +105,10 @@ def _check_reference_prior(owner: str, prior_mean: Any, prior_variance: Any) -> 
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{owner}: {name} must be a finite float, got {value!r}")
     if prior_variance <= 0:
-        raise ValueError(f"{owner}: prior_variance (the prior's standard deviation, as in "
-                         f"Bayesian-Torch) must be > 0, got {prior_variance!r}")
+        raise ValueError(
+            f"{owner}: prior_variance (the prior's standard deviation, as in "
+            f"Bayesian-Torch) must be > 0, got {prior_variance!r}"
+        )
 
 
 class _FrontDoor(Protocol):
@@ -119,8 +124,7 @@ class _FrontDoor(Protocol):
     def register_load_state_dict_pre_hook(self, hook: Any) -> Any: ...
 
 
-def _bind_reference_arguments(layer: _FrontDoor, args: tuple[Any, ...],
-                              kwargs: dict[str, Any]) -> dict[str, Any]:
+def _bind_reference_arguments(layer: _FrontDoor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """A front door's constructor arguments by name (the reference's signature, defaults
     applied), with the prior arguments checked; errors name the class."""
     try:
@@ -174,11 +178,14 @@ class ReferenceLayer(BayesianWeightLayer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         arguments = _bind_reference_arguments(self, args, kwargs)
         priors = {name: arguments.pop(name) for name, _ in PRIOR_ARGUMENTS}
-        super().__init__(**arguments, prior_mu=priors["prior_mean"],
-                         prior_sigma=priors["prior_variance"],
-                         posterior_mu_init=priors["posterior_mu_init"],
-                         posterior_rho_init=priors["posterior_rho_init"],
-                         estimator=self._estimator)
+        super().__init__(
+            **arguments,
+            prior_mu=priors["prior_mean"],
+            prior_sigma=priors["prior_variance"],
+            posterior_mu_init=priors["posterior_mu_init"],
+            posterior_rho_init=priors["posterior_rho_init"],
+            estimator=self._estimator,
+        )
         _finish_reference_setup(self, priors["prior_mean"], priors["prior_variance"])
 
     def reset_parameters(self) -> None:
@@ -218,8 +225,10 @@ class ReferenceLayer(BayesianWeightLayer):
     def _gaussian_prior(self, name: str) -> GaussianPrior:
         prior = getattr(self, f"{name}_prior")
         if not isinstance(prior, GaussianPrior):
-            raise TypeError(f"{type(self).__name__}: the reference's prior attributes need a "
-                            f"GaussianPrior on {name!r}, found {type(prior).__name__}")
+            raise TypeError(
+                f"{type(self).__name__}: the reference's prior attributes need a "
+                f"GaussianPrior on {name!r}, found {type(prior).__name__}"
+            )
         return prior
 
     @classmethod
@@ -229,23 +238,24 @@ class ReferenceLayer(BayesianWeightLayer):
         return {"weight_mu": f"mu_{w}", "weight_rho": f"rho_{w}", "bias_mu": "mu_bias", "bias_rho": "rho_bias"}
 
 
-def _save_with_reference_keys(module: ReferenceLayer, state_dict: dict[str, Any], prefix: str,
-                              local_metadata: dict[str, Any]) -> None:
+def _save_with_reference_keys(
+    module: ReferenceLayer, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any]
+) -> None:
     # This module's entries are the newest in ``state_dict`` (the hook runs right after
     # they were added), so rebuilding them in order keeps the dict's order.
     names = module._reference_keys()
     priors = tuple(f"{prefix}{name}_prior." for name in module.variational_names)
-    mine = [key for key in state_dict
-            if key.startswith(priors) or (key.startswith(prefix) and key[len(prefix):] in names)]
+    mine = [
+        key for key in state_dict if key.startswith(priors) or (key.startswith(prefix) and key[len(prefix) :] in names)
+    ]
     entries = [(key, state_dict.pop(key)) for key in mine]
     for key, value in entries:
-        local = key[len(prefix):]
+        local = key[len(prefix) :]
         if local in names:  # priors are dropped: the reference does not save them
             state_dict[prefix + names[local]] = value
 
 
-def _load_reference_keys(module: ReferenceLayer, state_dict: dict[str, Any], prefix: str,
-                         *args: Any) -> None:
+def _load_reference_keys(module: ReferenceLayer, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     for native, reference in module._reference_keys().items():
         if prefix + reference in state_dict:
             state_dict[prefix + native] = state_dict.pop(prefix + reference)

@@ -19,11 +19,18 @@ from torchbayes.nn.conv import (
 )
 
 __all__ = [
-    "Conv1dReparameterization", "Conv2dReparameterization", "Conv3dReparameterization",
-    "ConvTranspose1dReparameterization", "ConvTranspose2dReparameterization",
+    "Conv1dReparameterization",
+    "Conv2dReparameterization",
+    "Conv3dReparameterization",
+    "ConvTranspose1dReparameterization",
+    "ConvTranspose2dReparameterization",
     "ConvTranspose3dReparameterization",
-    "Conv1dFlipout", "Conv2dFlipout", "Conv3dFlipout",
-    "ConvTranspose1dFlipout", "ConvTranspose2dFlipout", "ConvTranspose3dFlipout",
+    "Conv1dFlipout",
+    "Conv2dFlipout",
+    "Conv3dFlipout",
+    "ConvTranspose1dFlipout",
+    "ConvTranspose2dFlipout",
+    "ConvTranspose3dFlipout",
 ]
 
 _CHANNELS = (("in_channels", REQUIRED), ("out_channels", REQUIRED), ("kernel_size", REQUIRED))
@@ -35,7 +42,8 @@ _CONV = reference_signature(_CHANNELS + _GEOMETRY + PRIOR_ARGUMENTS + _BIAS)
 _CONV3D_REPARAMETERIZATION = reference_signature(_CHANNELS + PRIOR_ARGUMENTS + _GEOMETRY + _BIAS)
 _TRANSPOSE = reference_signature(_CHANNELS + _GEOMETRY + _OUTPUT_PADDING + PRIOR_ARGUMENTS + _BIAS)
 _TRANSPOSE_OUTPUT_PADDING_FIRST = reference_signature(
-    _CHANNELS + _GEOMETRY[:2] + _OUTPUT_PADDING + _GEOMETRY[2:] + PRIOR_ARGUMENTS + _BIAS)
+    _CHANNELS + _GEOMETRY[:2] + _OUTPUT_PADDING + _GEOMETRY[2:] + PRIOR_ARGUMENTS + _BIAS
+)
 
 
 def _conv_doc(name: str, native: str, estimator: str) -> str:

@@ -8,7 +8,8 @@ from torchbayes.nn.linear import BayesLinear
 __all__ = ["LinearReparameterization", "LinearFlipout"]
 
 _LINEAR_SIGNATURE = reference_signature(
-    (("in_features", REQUIRED), ("out_features", REQUIRED), *PRIOR_ARGUMENTS, ("bias", True)))
+    (("in_features", REQUIRED), ("out_features", REQUIRED), *PRIOR_ARGUMENTS, ("bias", True))
+)
 
 
 def _linear_doc(name: str, estimator: str) -> str:

@@ -28,22 +28,26 @@ from torchbayes.nn.rnn import BayesLSTM
 __all__ = ["LSTMReparameterization", "LSTMFlipout"]
 
 _LSTM_SIGNATURE = reference_signature(
-    (("in_features", REQUIRED), ("out_features", REQUIRED), *PRIOR_ARGUMENTS, ("bias", True)))
+    (("in_features", REQUIRED), ("out_features", REQUIRED), *PRIOR_ARGUMENTS, ("bias", True))
+)
 
 # The reference holds the input and recurrent maps as two linear layers ``ih`` and
 # ``hh`` (gates i, f, g, o stacked like torch's): the same tensors as torch's layer 0.
 _REFERENCE_KEYS = {
-    "weight_ih_l0_mu": "ih.mu_weight", "weight_ih_l0_rho": "ih.rho_weight",
-    "bias_ih_l0_mu": "ih.mu_bias", "bias_ih_l0_rho": "ih.rho_bias",
-    "weight_hh_l0_mu": "hh.mu_weight", "weight_hh_l0_rho": "hh.rho_weight",
-    "bias_hh_l0_mu": "hh.mu_bias", "bias_hh_l0_rho": "hh.rho_bias",
+    "weight_ih_l0_mu": "ih.mu_weight",
+    "weight_ih_l0_rho": "ih.rho_weight",
+    "bias_ih_l0_mu": "ih.mu_bias",
+    "bias_ih_l0_rho": "ih.rho_bias",
+    "weight_hh_l0_mu": "hh.mu_weight",
+    "weight_hh_l0_rho": "hh.rho_weight",
+    "bias_hh_l0_mu": "hh.mu_bias",
+    "bias_hh_l0_rho": "hh.rho_bias",
 }
 
 LSTMReturn = tuple[Tensor, tuple[Tensor, Tensor], Tensor] | tuple[Tensor, tuple[Tensor, Tensor]]
 
 
-def _cell_sequence(x: Tensor, hidden_seq: Tensor, h0: Tensor, c0: Tensor,
-                   weights: dict[str, Tensor]) -> Tensor:
+def _cell_sequence(x: Tensor, hidden_seq: Tensor, h0: Tensor, c0: Tensor, weights: dict[str, Tensor]) -> Tensor:
     """Every step's LSTM cell state, recovered from the hidden states of the fused kernel.
 
     Given all hidden states, the gates of all steps take two matmuls, and the cell
@@ -52,12 +56,13 @@ def _cell_sequence(x: Tensor, hidden_seq: Tensor, h0: Tensor, c0: Tensor,
     Batch-first shapes: ``x (N, L, H_in)``, ``hidden_seq (N, L, H)``, ``h0``/``c0`` ``(N, H)``.
     """
     previous = torch.cat([h0.unsqueeze(1), hidden_seq[:, :-1]], dim=1)
-    gates = (F.linear(x, weights["weight_ih_l0"], weights.get("bias_ih_l0"))
-             + F.linear(previous, weights["weight_hh_l0"], weights.get("bias_hh_l0")))
+    gates = F.linear(x, weights["weight_ih_l0"], weights.get("bias_ih_l0")) + F.linear(
+        previous, weights["weight_hh_l0"], weights.get("bias_hh_l0")
+    )
     hidden = h0.shape[-1]
     act = gates.sigmoid()  # gate order i, f, g, o as in torch
-    forget = act[..., hidden:2 * hidden]
-    write = act[..., :hidden] * gates[..., 2 * hidden:3 * hidden].tanh()
+    forget = act[..., hidden : 2 * hidden]
+    write = act[..., :hidden] * gates[..., 2 * hidden : 3 * hidden].tanh()
     cells, c = [], c0
     for t in range(x.shape[1]):
         c = torch.addcmul(write[:, t], forget[:, t], c)
@@ -122,10 +127,17 @@ class _ReferenceLSTM(BayesLSTM):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         a = _bind_reference_arguments(self, args, kwargs)
-        super().__init__(a["in_features"], a["out_features"], bias=a["bias"], batch_first=True,
-                         prior_mu=a["prior_mean"], prior_sigma=a["prior_variance"],
-                         posterior_mu_init=a["posterior_mu_init"],
-                         posterior_rho_init=a["posterior_rho_init"], estimator=self._estimator)
+        super().__init__(
+            a["in_features"],
+            a["out_features"],
+            bias=a["bias"],
+            batch_first=True,
+            prior_mu=a["prior_mean"],
+            prior_sigma=a["prior_variance"],
+            posterior_mu_init=a["posterior_mu_init"],
+            posterior_rho_init=a["posterior_rho_init"],
+            estimator=self._estimator,
+        )
         self.in_features, self.out_features = a["in_features"], a["out_features"]
         _finish_reference_setup(self, a["prior_mean"], a["prior_variance"])
 
@@ -134,8 +146,12 @@ class _ReferenceLSTM(BayesLSTM):
         """Native parameter name -> the reference's name."""
         return dict(_REFERENCE_KEYS)
 
-    def forward(self, X: Tensor, hidden_states: tuple[Tensor, Tensor] | None = None,  # type: ignore[override]
-                return_kl: bool = True) -> LSTMReturn:
+    def forward(  # type: ignore[override]
+        self,
+        X: Tensor,
+        hidden_states: tuple[Tensor, Tensor] | None = None,
+        return_kl: bool = True,
+    ) -> LSTMReturn:
         """Run the sequence; see the class docstring for the reference's return convention.
 
         Args:
@@ -149,20 +165,25 @@ class _ReferenceLSTM(BayesLSTM):
         self._check_estimator()
         if not (isinstance(X, Tensor) and X.dim() == 3):
             shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
-            raise ValueError(f"{type(self).__name__}: X must be 3-D (batch, sequence, in_features="
-                             f"{self.in_features}), got {shape}")
+            raise ValueError(
+                f"{type(self).__name__}: X must be 3-D (batch, sequence, in_features={self.in_features}), got {shape}"
+            )
         self._check_input(X)
         hx = None
         if hidden_states is not None:
             if not (isinstance(hidden_states, (tuple, list)) and len(hidden_states) == 2):
-                raise TypeError(f"{type(self).__name__}: hidden_states must be a tuple (h_0, c_0), "
-                                f"got {type(hidden_states).__name__}")
+                raise TypeError(
+                    f"{type(self).__name__}: hidden_states must be a tuple (h_0, c_0), "
+                    f"got {type(hidden_states).__name__}"
+                )
             expected = (X.shape[0], self.out_features)
             for what, state in zip(("h_0", "c_0"), hidden_states):
                 if not (isinstance(state, Tensor) and tuple(state.shape) == expected):
                     shape = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
-                    raise ValueError(f"{type(self).__name__}: hidden_states {what} must have shape "
-                                     f"(batch, out_features) = {expected}, got {shape}")
+                    raise ValueError(
+                        f"{type(self).__name__}: hidden_states {what} must have shape "
+                        f"(batch, out_features) = {expected}, got {shape}"
+                    )
             # The reference's states have no layer dimension: (N, H) -> (1, N, H).
             hx = (hidden_states[0].unsqueeze(0), hidden_states[1].unsqueeze(0))
         states = self._initial_state(X, hx, True, X.shape[0])

@@ -25,8 +25,7 @@ def _unpack(input: Any, owner: str) -> tuple[Tensor, bool]:
         return input, False
     if isinstance(input, (tuple, list)) and len(input) == 2 and isinstance(input[0], Tensor):
         return input[0], True
-    raise TypeError(f"{owner}: input must be a Tensor or an (x, kl) pair with a Tensor x, "
-                    f"got {type(input).__name__}")
+    raise TypeError(f"{owner}: input must be a Tensor or an (x, kl) pair with a Tensor x, got {type(input).__name__}")
 
 
 class _TuplePassing(nn.Module):

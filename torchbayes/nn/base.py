@@ -121,9 +121,14 @@ class BayesianModule(nn.Module):
         self._estimator_name = canonical_estimator(value)
 
     # ----------------------------------------------------------------- parameters
-    def register_variational(self, name: str, shape: tuple[int, ...], *,
-                             device: torch.device | str | None = None,
-                             dtype: torch.dtype | None = None) -> None:
+    def register_variational(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         """Create ``{name}_mu``, ``{name}_rho`` and ``{name}_prior`` for a parameter of ``shape``."""
         self.register_parameter(f"{name}_mu", nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
         self.register_parameter(f"{name}_rho", nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
@@ -140,8 +145,7 @@ class BayesianModule(nn.Module):
     def variational_parameters(self) -> Iterator[tuple[str, Tensor, Tensor, Prior]]:
         """Yield ``(name, mu, rho, prior)`` for each variational parameter."""
         for name in self._variational_names:
-            yield (name, getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho"),
-                   getattr(self, f"{name}_prior"))
+            yield (name, getattr(self, f"{name}_mu"), getattr(self, f"{name}_rho"), getattr(self, f"{name}_prior"))
 
     def posterior_sigma(self, name: str) -> Tensor:
         """Posterior standard deviation ``softplus(rho)`` of variational parameter ``name``."""
@@ -160,8 +164,10 @@ class BayesianModule(nn.Module):
 
     def _check_name(self, name: str) -> None:
         if name not in self._variational_names:
-            raise KeyError(f"{name!r} is not a variational parameter of "
-                           f"{type(self).__name__}; expected one of {self.variational_names}")
+            raise KeyError(
+                f"{name!r} is not a variational parameter of "
+                f"{type(self).__name__}; expected one of {self.variational_names}"
+            )
 
     def reset_variational_parameters(self) -> None:
         """Fill every ``rho`` with ``posterior_rho_init``, shift every ``mu`` by ``posterior_mu_init``
@@ -188,11 +194,16 @@ class BayesianModule(nn.Module):
         """A message if some Gaussian prior's sigma is not a positive finite number, else None."""
         for name, _, _, prior in self.variational_parameters():
             sigma = getattr(prior, "sigma", None)
-            if isinstance(sigma, Tensor) and not sigma.is_meta and not bool(
-                    (torch.isfinite(sigma) & (sigma > 0)).all()):
-                return (f"{type(self).__name__}: {name}_prior.sigma is not a positive finite number "
-                        "(uninitialised memory after to_empty()? call reset_parameters() or "
-                        "load_state_dict() first)")
+            if (
+                isinstance(sigma, Tensor)
+                and not sigma.is_meta
+                and not bool((torch.isfinite(sigma) & (sigma > 0)).all())
+            ):
+                return (
+                    f"{type(self).__name__}: {name}_prior.sigma is not a positive finite number "
+                    "(uninitialised memory after to_empty()? call reset_parameters() or "
+                    "load_state_dict() first)"
+                )
         return None
 
     # ------------------------------------------------------------------------ KL
@@ -211,9 +222,12 @@ class BayesianModule(nn.Module):
         priors = [self._modules[name + "_prior"] for name in names]
         gaussian = [prior for prior in priors if isinstance(prior, GaussianPrior)]
         self._kl_cache.clear()
-        fuse = (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and len(gaussian) == len(priors)
-                and any(rho.requires_grad for _, rho in params))
+        fuse = (
+            torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+            and len(gaussian) == len(priors)
+            and any(rho.requires_grad for _, rho in params)
+        )
         if not fuse:
             return BF.posterior_draws(params, kind, with_means=with_means)
         token = BF.KLToken()
@@ -234,8 +248,11 @@ class BayesianModule(nn.Module):
             return None
         kl, kl_parts, tensors, versions, token = entry
         current = [t for pair in self._mu_rho_pairs() for t in pair]
-        fresh = (not token.consumed and all(a is b for a, b in zip(current, tensors))
-                 and [t._version for t in tensors] == versions)
+        fresh = (
+            not token.consumed
+            and all(a is b for a, b in zip(current, tensors))
+            and [t._version for t in tensors] == versions
+        )
         return (kl, kl_parts) if fresh else None
 
     def _mu_rho_pairs(self) -> list[tuple[Tensor, Tensor]]:
@@ -314,8 +331,13 @@ class BayesianWeightLayer(BayesianModule):
     _torch_cls: type[nn.Module]
     _twin_args: tuple[str, ...] = ()
 
-    def _register_weight_and_bias(self, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None,
-                                  device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+    def _register_weight_and_bias(
+        self,
+        weight_shape: tuple[int, ...],
+        bias_shape: tuple[int, ...] | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
         self.register_variational("weight", weight_shape, device=device, dtype=dtype)
         if bias_shape is not None:
             self.register_variational("bias", bias_shape, device=device, dtype=dtype)
@@ -345,18 +367,28 @@ class BayesianWeightLayer(BayesianModule):
             >>> BayesLinear.from_torch(nn.Linear(4, 2), estimator="flipout")
         """
         if not isinstance(module, cls._torch_cls):
-            raise TypeError(f"{cls.__name__}.from_torch: module must be a torch.nn."
-                            f"{cls._torch_cls.__name__}, got {type(module).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_torch: module must be a torch.nn."
+                f"{cls._torch_cls.__name__}, got {type(module).__name__}"
+            )
         weight = module.weight
         if not isinstance(weight, Tensor):
-            raise TypeError(f"{cls.__name__}.from_torch: {type(module).__name__}.weight is not a tensor "
-                            f"({type(weight).__name__})")
+            raise TypeError(
+                f"{cls.__name__}.from_torch: {type(module).__name__}.weight is not a tensor ({type(weight).__name__})"
+            )
         if isinstance(weight, nn.parameter.UninitializedParameter):
-            raise ValueError(f"{cls.__name__}.from_torch: {type(module).__name__} is not "
-                             "initialised yet (lazy module); run one forward pass first")
+            raise ValueError(
+                f"{cls.__name__}.from_torch: {type(module).__name__} is not "
+                "initialised yet (lazy module); run one forward pass first"
+            )
         args = {name: getattr(module, name) for name in cls._twin_args}
-        layer = cls(**args, bias=module.bias is not None, device=weight.device,  # type: ignore[call-arg]
-                    dtype=weight.dtype, **bayes_kwargs)
+        layer = cls(
+            **args,
+            bias=module.bias is not None,
+            device=weight.device,  # type: ignore[call-arg]
+            dtype=weight.dtype,
+            **bayes_kwargs,
+        )
         with torch.no_grad():
             for name, mu, rho, _ in layer.variational_parameters():
                 mu.copy_(getattr(module, name))
@@ -378,8 +410,9 @@ class BayesianWeightLayer(BayesianModule):
             Conv2d(3, 8, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1))
         """
         args = {name: getattr(self, name) for name in self._twin_args}
-        module = self._torch_cls(**args, bias=self.bias_mu is not None,
-                                 device=self.weight_mu.device, dtype=self.weight_mu.dtype)
+        module = self._torch_cls(
+            **args, bias=self.bias_mu is not None, device=self.weight_mu.device, dtype=self.weight_mu.dtype
+        )
         with torch.no_grad():
             for name, mu, _, _ in self.variational_parameters():
                 getattr(module, name).copy_(mu)

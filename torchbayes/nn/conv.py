@@ -18,9 +18,17 @@ from torch import Tensor, nn
 from torchbayes.nn.base import BayesianWeightLayer
 from torchbayes.priors import Prior
 
+# torch's own rule for turning output_size into output_padding. Its annotations say lists
+# and a _ConvTransposeNd; it only reads these tuples and attributes, which our layers have.
+_torch_output_padding: Any = nn.modules.conv._ConvTransposeNd._output_padding
+
 __all__ = [
-    "BayesConv1d", "BayesConv2d", "BayesConv3d",
-    "BayesConvTranspose1d", "BayesConvTranspose2d", "BayesConvTranspose3d",
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
+    "BayesConvTranspose1d",
+    "BayesConvTranspose2d",
+    "BayesConvTranspose3d",
 ]
 
 _LOCAL_NOTE = """
@@ -31,9 +39,19 @@ _LOCAL_NOTE = """
 """
 
 # Hyperparameters copied from the torch twin; they keep torch's names and meanings.
-_HYPERPARAMETERS = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                    "dilation", "transposed", "output_padding", "groups", "padding_mode",
-                    "_reversed_padding_repeated_twice")
+_HYPERPARAMETERS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+    "padding_mode",
+    "_reversed_padding_repeated_twice",
+)
 
 
 PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
@@ -42,10 +60,24 @@ PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 class _BayesConvNd(BayesianWeightLayer):
     """Shared implementation of the Bayesian (transposed) convolutions."""
 
-    _torch_cls: (type[nn.Conv1d] | type[nn.Conv2d] | type[nn.Conv3d] | type[nn.ConvTranspose1d]
-                 | type[nn.ConvTranspose2d] | type[nn.ConvTranspose3d])
-    _twin_args: tuple[str, ...] = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                                   "dilation", "groups", "padding_mode")
+    _torch_cls: (
+        type[nn.Conv1d]
+        | type[nn.Conv2d]
+        | type[nn.Conv3d]
+        | type[nn.ConvTranspose1d]
+        | type[nn.ConvTranspose2d]
+        | type[nn.ConvTranspose3d]
+    )
+    _twin_args: tuple[str, ...] = (
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+    )
     # Copied from the torch twin (_HYPERPARAMETERS), with torch's types.
     in_channels: int
     out_channels: int
@@ -59,25 +91,54 @@ class _BayesConvNd(BayesianWeightLayer):
     padding_mode: PaddingMode
     _reversed_padding_repeated_twice: list[int]
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
-                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: PaddingMode = "zeros", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, *, output_padding: Any = None,
-                 prior_mu: float | Tensor = 0.0, prior_sigma: float | Tensor = 1.0,
-                 posterior_mu_init: float = 0.0, posterior_rho_init: float = -3.0,
-                 estimator: str = "reparameterization", prior: Prior | None = None) -> None:
-        super().__init__(prior_mu=prior_mu, prior_sigma=prior_sigma,
-                         posterior_mu_init=posterior_mu_init,
-                         posterior_rho_init=posterior_rho_init, estimator=estimator, prior=prior)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: PaddingMode = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        output_padding: Any = None,
+        prior_mu: float | Tensor = 0.0,
+        prior_sigma: float | Tensor = 1.0,
+        posterior_mu_init: float = 0.0,
+        posterior_rho_init: float = -3.0,
+        estimator: str = "reparameterization",
+        prior: Prior | None = None,
+    ) -> None:
+        super().__init__(
+            prior_mu=prior_mu,
+            prior_sigma=prior_sigma,
+            posterior_mu_init=posterior_mu_init,
+            posterior_rho_init=posterior_rho_init,
+            estimator=estimator,
+            prior=prior,
+        )
         extra = {} if output_padding is None else {"output_padding": output_padding}
-        twin = self._torch_cls(in_channels, out_channels, kernel_size, stride=stride,
-                               padding=padding, dilation=dilation, groups=groups, bias=bias,
-                               padding_mode=padding_mode, device="meta", **extra)
+        twin = self._torch_cls(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device="meta",
+            **extra,
+        )
         for name in _HYPERPARAMETERS:
             setattr(self, name, getattr(twin, name))
         self._num_spatial_dims = len(twin.kernel_size)
-        self._register_weight_and_bias(tuple(twin.weight.shape),
-                                       (out_channels,) if bias else None, device, dtype)
+        self._register_weight_and_bias(tuple(twin.weight.shape), (out_channels,) if bias else None, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -94,22 +155,29 @@ class _BayesConvNd(BayesianWeightLayer):
             raise TypeError(f"{type(self).__name__}: input must be a Tensor, got {type(input).__name__}")
         d = self._num_spatial_dims
         if input.dim() not in (d + 1, d + 2):
-            raise ValueError(f"{type(self).__name__}: input must be {d + 2}-D (N, C, ...) or "
-                             f"{d + 1}-D (C, ...), got shape {tuple(input.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: input must be {d + 2}-D (N, C, ...) or "
+                f"{d + 1}-D (C, ...), got shape {tuple(input.shape)}"
+            )
         channels = input.shape[-(d + 1)]
         if channels != self.in_channels:
-            raise ValueError(f"{type(self).__name__}: input must have in_channels="
-                             f"{self.in_channels} channels, got {channels} (shape {tuple(input.shape)})")
+            raise ValueError(
+                f"{type(self).__name__}: input must have in_channels="
+                f"{self.in_channels} channels, got {channels} (shape {tuple(input.shape)})"
+            )
 
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         # torch's own convolution forward (padding modes included), on our weights.
         return self._torch_cls._conv_forward(self, input, weight, bias)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
-        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-             f"stride={self.stride}")
-        defaults = {"padding": (0,) * self._num_spatial_dims, "dilation": (1,) * self._num_spatial_dims,
-                    "output_padding": (0,) * self._num_spatial_dims, "groups": 1}
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        defaults = {
+            "padding": (0,) * self._num_spatial_dims,
+            "dilation": (1,) * self._num_spatial_dims,
+            "output_padding": (0,) * self._num_spatial_dims,
+            "groups": 1,
+        }
         for name, default in defaults.items():
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
@@ -126,33 +194,64 @@ class _BayesConvTransposeNd(_BayesConvNd):
     _conv_transpose: Any
     _twin_args = (*_BayesConvNd._twin_args, "output_padding")
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
-                 padding: Any = 0, output_padding: Any = 0, groups: int = 1, bias: bool = True,
-                 dilation: Any = 1, padding_mode: PaddingMode = "zeros",
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 **bayes: Any) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        output_padding: Any = 0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation: Any = 1,
+        padding_mode: PaddingMode = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **bayes: Any,
+    ) -> None:
         # torch orders a transposed convolution's arguments differently from a convolution's.
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, padding_mode, device, dtype, output_padding=output_padding, **bayes)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+            output_padding=output_padding,
+            **bayes,
+        )
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         self._check_input(input)
-        # torch's own rule for turning output_size into output_padding (torch's annotations
-        # say lists and a _ConvTransposeNd; it reads these tuples and attributes only).
-        output_padding = nn.modules.conv._ConvTransposeNd._output_padding(
-            self, input, output_size, self.stride, self.padding, self.kernel_size,  # type: ignore[arg-type]
-            self._num_spatial_dims, self.dilation)  # type: ignore[arg-type]
+        output_padding = _torch_output_padding(
+            self,
+            input,
+            output_size,
+            self.stride,
+            self.padding,
+            self.kernel_size,
+            self._num_spatial_dims,
+            self.dilation,
+        )
         conv_transpose = type(self)._conv_transpose
 
         def op(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-            return conv_transpose(x, weight, bias, self.stride, self.padding, output_padding,
-                                  self.groups, self.dilation)
+            return conv_transpose(
+                x, weight, bias, self.stride, self.padding, output_padding, self.groups, self.dilation
+            )
 
         return self._estimate(input, op)
 
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return type(self)._conv_transpose(input, weight, bias, self.stride, self.padding,
-                                          self.output_padding, self.groups, self.dilation)
+        return type(self)._conv_transpose(
+            input, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+        )
 
 
 _OUTPUT_SIZE_NOTE = " (``forward`` accepts its ``output_size``)"

@@ -123,8 +123,9 @@ def _sum_of_squares(t: Tensor) -> Tensor:
     return t.square().sum()
 
 
-def _kl_sum(rho: Tensor, sigma: Tensor, diff: Tensor, sigma_p: Tensor | float,
-            safe: bool, scratch: Tensor | None = None) -> tuple[Tensor | float, Tensor | float]:
+def _kl_sum(
+    rho: Tensor, sigma: Tensor, diff: Tensor, sigma_p: Tensor | float, safe: bool, scratch: Tensor | None = None
+) -> tuple[Tensor | float, Tensor | float]:
     """Closed-form KL summed over weights, and ``1 / sigma_p^2`` for the backward pass.
 
     ``KL = log sigma_p - log sigma_q + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2``.
@@ -145,8 +146,7 @@ def _kl_sum(rho: Tensor, sigma: Tensor, diff: Tensor, sigma_p: Tensor | float,
         return 0.5 * inv_var_p * quad - float(log_sigma_sum) + numel * (math.log(sigma_p) - 0.5), inv_var_p
     inv_var_p_t = sigma_p.square().reciprocal_()
     quad_t = torch.addcmul(sigma.square(), diff, diff)
-    total = (quad_t.mul_(inv_var_p_t).sum() * 0.5
-             + torch.log(sigma_p).expand(rho.shape).sum() - 0.5 * numel)
+    total = quad_t.mul_(inv_var_p_t).sum() * 0.5 + torch.log(sigma_p).expand(rho.shape).sum() - 0.5 * numel
     return total - log_sigma_sum, inv_var_p_t
 
 
@@ -192,8 +192,9 @@ def _stable_kl_grad_rho(rho: Tensor, sigma: Tensor, inv_var_p: Tensor | float, g
     return (sigma * sig).mul_(g * inv_var_p).sub_(ratio.mul_(g))
 
 
-def _kl_grad_mu(diff: Tensor, inv_var_p: Tensor | float, g: Tensor | float, shape: torch.Size,
-                grad_mu: Tensor | None) -> Tensor:
+def _kl_grad_mu(
+    diff: Tensor, inv_var_p: Tensor | float, g: Tensor | float, shape: torch.Size, grad_mu: Tensor | None
+) -> Tensor:
     """``grad_mu + g * dKL/dmu = grad_mu + g * (mu - mu_p) / sigma_p^2`` (``grad_mu`` may be None)."""
     scale = g * inv_var_p
     if grad_mu is not None and diff.shape == shape:
@@ -256,9 +257,14 @@ class _PosteriorDraw(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kind: str | None, token: KLToken | None,
-                priors: tuple[tuple[Tensor, Tensor], ...] | None, with_means: bool,
-                *mu_rho: Tensor) -> tuple[Tensor, ...]:
+    def forward(
+        ctx,
+        kind: str | None,
+        token: KLToken | None,
+        priors: tuple[tuple[Tensor, Tensor], ...] | None,
+        with_means: bool,
+        *mu_rho: Tensor,
+    ) -> tuple[Tensor, ...]:
         ctx.set_materialize_grads(False)
         ctx.kind, ctx.token, ctx.with_means = kind, token, with_means
         draws, kls, saved, meta = [], [], [], []
@@ -295,8 +301,9 @@ class _PosteriorDraw(torch.autograd.Function):
         if priors is None:
             return tuple(draws)
         parts = _as_vector(kls, mu_rho[1])
-        total = (torch.tensor(math.fsum(kls), dtype=parts.dtype) if all(isinstance(v, float) for v in kls)
-                 else parts.sum())
+        total = (
+            torch.tensor(math.fsum(kls), dtype=parts.dtype) if all(isinstance(v, float) for v in kls) else parts.sum()
+        )
         return (*draws, total, parts)
 
     @staticmethod
@@ -310,22 +317,39 @@ class _PosteriorDraw(torch.autograd.Function):
         saved = ctx.saved_tensors
         out: list[Tensor | None] = [None, None, None, None]
         for i, (safe, inv_var_float, folded) in enumerate(ctx.meta):
-            rho, sigma, eps, diff, inv_var_p = saved[5 * i: 5 * i + 5]
+            rho, sigma, eps, diff, inv_var_p = saved[5 * i : 5 * i + 5]
             g_out, g_mean = grads[i] if i < num_draws else None, grads[num_draws + i] if ctx.with_means else None
             if folded:  # a float prior on the CPU: the KL's incoming gradient is a float too
                 g_kl = g_kls[i]
                 assert inv_var_float is not None and not isinstance(g_kl, Tensor)
                 out += _folded_param_grads(ctx.kind, rho, sigma, eps, diff, inv_var_float, g_out, g_kl, g_mean)
                 continue
-            out += _param_grads(ctx.kind, rho, sigma, eps, diff,
-                                inv_var_float if inv_var_float is not None else inv_var_p,
-                                safe, g_out, g_kls[i], g_mean)
+            out += _param_grads(
+                ctx.kind,
+                rho,
+                sigma,
+                eps,
+                diff,
+                inv_var_float if inv_var_float is not None else inv_var_p,
+                safe,
+                g_out,
+                g_kls[i],
+                g_mean,
+            )
         return tuple(out)
 
 
-def _folded_param_grads(kind: str, rho: Tensor, kl_numerator: Tensor, eps: Tensor, diff: Tensor,
-                        inv_var_p: float, g_out: Tensor | None, g_kl: float | None,
-                        g_mean: Tensor | None) -> list[Tensor | None]:
+def _folded_param_grads(
+    kind: str,
+    rho: Tensor,
+    kl_numerator: Tensor,
+    eps: Tensor,
+    diff: Tensor,
+    inv_var_p: float,
+    g_out: Tensor | None,
+    g_kl: float | None,
+    g_mean: Tensor | None,
+) -> list[Tensor | None]:
     """``[dL/dmu, dL/drho]`` of one noisy parameter whose sigma was folded into
     ``kl_numerator = sigma - sigma_p^2 / sigma`` (see :class:`_PosteriorDraw`): in three
     passes, ``dL/drho = sigmoid(rho) (eps g_out + g_kl kl_numerator / sigma_p^2)``,
@@ -347,9 +371,18 @@ def _folded_param_grads(kind: str, rho: Tensor, kl_numerator: Tensor, eps: Tenso
     return [grad_mu, torch.ops.aten.softplus_backward.grad_input(t, rho, 1.0, _SOFTPLUS_LINEAR_ABOVE, grad_input=t)]
 
 
-def _param_grads(kind: str | None, rho: Tensor, sigma: Tensor, eps: Tensor | None, diff: Tensor | None,
-                 inv_var_p: Tensor | float | None, safe: bool, g_out: Tensor | None,
-                 g_kl: Tensor | float | None, g_mean: Tensor | None) -> list[Tensor | None]:
+def _param_grads(
+    kind: str | None,
+    rho: Tensor,
+    sigma: Tensor,
+    eps: Tensor | None,
+    diff: Tensor | None,
+    inv_var_p: Tensor | float | None,
+    safe: bool,
+    g_out: Tensor | None,
+    g_kl: Tensor | float | None,
+    g_mean: Tensor | None,
+) -> list[Tensor | None]:
     """``[dL/dmu, dL/drho]`` of one parameter of :class:`_PosteriorDraw` (``g_mean``: the
     gradient of the mean output, if requested)."""
     grad_mu = g_out if g_out is not None and kind == "sample" else None
@@ -357,8 +390,13 @@ def _param_grads(kind: str | None, rho: Tensor, sigma: Tensor, eps: Tensor | Non
         grad_mu = g_mean if grad_mu is None else grad_mu + g_mean
     # t = dL/dsigma from the draw: eps * g_out, or 2 sigma g_out for sigma^2.
     # (2 sigma g_out in one pass: addcmul onto a broadcast zero.)
-    t = (None if g_out is None else eps * g_out if eps is not None
-         else torch.addcmul(sigma.new_zeros(()), sigma, g_out, value=2.0))
+    t = (
+        None
+        if g_out is None
+        else eps * g_out
+        if eps is not None
+        else torch.addcmul(sigma.new_zeros(()), sigma, g_out, value=2.0)
+    )
     if g_kl is None or diff is None or inv_var_p is None:
         return [grad_mu, None if t is None else _softplus_grad(t, rho)]
     grad_mu = _kl_grad_mu(diff, inv_var_p, g_kl, rho.shape, grad_mu)
@@ -390,9 +428,13 @@ class PosteriorDraws(NamedTuple):
     kl_parts: Tensor | None
 
 
-def posterior_draws(params: Sequence[tuple[Tensor, Tensor]], kind: str = "sample",
-                    priors: Sequence[tuple[Tensor, Tensor]] | None = None, token: KLToken | None = None,
-                    with_means: bool = False) -> PosteriorDraws:
+def posterior_draws(
+    params: Sequence[tuple[Tensor, Tensor]],
+    kind: str = "sample",
+    priors: Sequence[tuple[Tensor, Tensor]] | None = None,
+    token: KLToken | None = None,
+    with_means: bool = False,
+) -> PosteriorDraws:
     """Posterior draws of several parameters in one autograd node, fused with their KL.
 
     Args:
@@ -417,29 +459,35 @@ def posterior_draws(params: Sequence[tuple[Tensor, Tensor]], kind: str = "sample
     if kind not in DRAW_KINDS:
         raise ValueError(f"kind must be one of {DRAW_KINDS}, got {kind!r}")
     if priors is not None and len(priors) != len(params):
-        raise ValueError(f"priors must have one (prior_mu, prior_sigma) per parameter: "
-                         f"got {len(priors)} for {len(params)} parameters")
+        raise ValueError(
+            f"priors must have one (prior_mu, prior_sigma) per parameter: "
+            f"got {len(priors)} for {len(params)} parameters"
+        )
     k = len(params)
     if torch.compiler.is_compiling():
         draws = [_plain_draw(mu, rho, kind) for mu, rho in params]
         means = [mu for mu, _ in params] if with_means else None
         if priors is None:
             return PosteriorDraws(draws, means, None, None)
-        parts = torch.stack([gaussian_kl(mu, rho, mu_p, sigma_p)
-                             for (mu, rho), (mu_p, sigma_p) in zip(params, priors)])
+        parts = torch.stack([gaussian_kl(mu, rho, mu_p, sigma_p) for (mu, rho), (mu_p, sigma_p) in zip(params, priors)])
         return PosteriorDraws(draws, means, parts.sum(), parts)
     flat = [t for pair in params for t in pair]
     detached = None if priors is None else tuple((mu_p.detach(), sigma_p.detach()) for mu_p, sigma_p in priors)
     out = _PosteriorDraw.apply(kind, token, detached, with_means, *flat)
-    means = list(out[k: 2 * k]) if with_means else None
+    means = list(out[k : 2 * k]) if with_means else None
     if priors is None:
         return PosteriorDraws(list(out[:k]), means, None, None)
     return PosteriorDraws(list(out[:k]), means, out[-2], out[-1])
 
 
-def posterior_draw(mu: Tensor, rho: Tensor, kind: str = "sample", prior_mu: Tensor | None = None,
-                   prior_sigma: Tensor | None = None, token: KLToken | None = None
-                   ) -> tuple[Tensor, Tensor | None]:
+def posterior_draw(
+    mu: Tensor,
+    rho: Tensor,
+    kind: str = "sample",
+    prior_mu: Tensor | None = None,
+    prior_sigma: Tensor | None = None,
+    token: KLToken | None = None,
+) -> tuple[Tensor, Tensor | None]:
     """A draw from the posterior of one parameter, fused with the Gaussian-prior KL when a prior is given.
 
     Args:
@@ -481,9 +529,7 @@ def sample_perturbation(rho: Tensor) -> Tensor:
     return posterior_draw(rho, rho, "perturbation")[0]
 
 
-def gaussian_kl(
-    mu_q: Tensor, rho_q: Tensor, mu_p: Tensor, sigma_p: Tensor, reduction: str = "sum"
-) -> Tensor:
+def gaussian_kl(mu_q: Tensor, rho_q: Tensor, mu_p: Tensor, sigma_p: Tensor, reduction: str = "sum") -> Tensor:
     """KL divergence from the Gaussian posterior to a Gaussian prior, in closed form.
 
     Args:
@@ -505,8 +551,12 @@ def gaussian_kl(
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     if torch.compiler.is_compiling():
         sigma_q = F.softplus(rho_q)
-        elementwise = (torch.log(sigma_p) - log_softplus(rho_q)
-                       + (sigma_q.square() + (mu_q - mu_p).square()) / (2 * sigma_p.square()) - 0.5)
+        elementwise = (
+            torch.log(sigma_p)
+            - log_softplus(rho_q)
+            + (sigma_q.square() + (mu_q - mu_p).square()) / (2 * sigma_p.square())
+            - 0.5
+        )
         total = elementwise.sum()
     else:
         total = _PosteriorDraw.apply(None, None, ((mu_p.detach(), sigma_p.detach()),), False, mu_q, rho_q)[0]

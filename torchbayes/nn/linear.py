@@ -68,16 +68,20 @@ class BayesLinear(BayesianWeightLayer):
         estimator: str = "reparameterization",
         prior: Prior | None = None,
     ) -> None:
-        super().__init__(prior_mu=prior_mu, prior_sigma=prior_sigma,
-                         posterior_mu_init=posterior_mu_init,
-                         posterior_rho_init=posterior_rho_init, estimator=estimator, prior=prior)
+        super().__init__(
+            prior_mu=prior_mu,
+            prior_sigma=prior_sigma,
+            posterior_mu_init=posterior_mu_init,
+            posterior_rho_init=posterior_rho_init,
+            estimator=estimator,
+            prior=prior,
+        )
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         self.in_features = in_features
         self.out_features = out_features
-        self._register_weight_and_bias((out_features, in_features),
-                                       (out_features,) if bias else None, device, dtype)
+        self._register_weight_and_bias((out_features, in_features), (out_features,) if bias else None, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -92,12 +96,16 @@ class BayesLinear(BayesianWeightLayer):
         if not isinstance(input, Tensor):
             raise TypeError(f"{type(self).__name__}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() < 1 or input.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__}: input must have shape (*, in_features="
-                             f"{self.in_features}), got {tuple(input.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: input must have shape (*, in_features="
+                f"{self.in_features}), got {tuple(input.shape)}"
+            )
 
     def _op(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(input, weight, bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias_mu is not None}, {super().extra_repr()}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias_mu is not None}, {super().extra_repr()}"
+        )

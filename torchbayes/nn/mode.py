@@ -22,8 +22,9 @@ class _DeterministicSwitch:
     def __enter__(self) -> _DeterministicSwitch:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         for m, previous in self._saved:
             m.deterministic = previous
 

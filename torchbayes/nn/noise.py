@@ -49,8 +49,7 @@ def noise_generator(seed_or_generator: int | torch.Generator | None) -> Iterator
         gen = torch.Generator().manual_seed(seed_or_generator)
     else:
         raise TypeError(
-            "seed_or_generator must be an int, a torch.Generator or None, "
-            f"got {type(seed_or_generator).__name__}"
+            f"seed_or_generator must be an int, a torch.Generator or None, got {type(seed_or_generator).__name__}"
         )
     token = _GENERATOR.set(gen)
     try:
@@ -114,7 +113,7 @@ def _state_layout() -> tuple[Tensor, int] | None:
     offset = 24  # int64 seed, int32 left, int32 seeded, uint64 next
     if state.numel() < offset + 8 * _MT_WORDS or state.dtype != torch.uint8:
         return None
-    found = state[offset: offset + 8 * len(words)].view(torch.int64).tolist()
+    found = state[offset : offset + 8 * len(words)].view(torch.int64).tolist()
     if found != words:
         return None
     return state, offset
@@ -126,8 +125,13 @@ _POOL_LOCK = threading.Lock()
 
 
 def _parallel_ok(like: Tensor, gen: torch.Generator | None) -> bool:
-    return (not torch.compiler.is_compiling() and _LAYOUT is not None and like.device.type == "cpu"
-            and (gen is None or gen.device.type == "cpu") and like.dtype.is_floating_point)
+    return (
+        not torch.compiler.is_compiling()
+        and _LAYOUT is not None
+        and like.device.type == "cpu"
+        and (gen is None or gen.device.type == "cpu")
+        and like.dtype.is_floating_point
+    )
 
 
 def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
@@ -158,7 +162,7 @@ def _parallel_normal_(out: Tensor, gen: torch.Generator | None) -> Tensor:
                 i = next(jobs, None)
             if i is None:
                 return
-            state[offset: offset + 8 * _MT_WORDS].view(torch.int64).copy_(words[i])
+            state[offset : offset + 8 * _MT_WORDS].view(torch.int64).copy_(words[i])
             piece_gen.set_state(state)
             pieces[i].normal_(generator=piece_gen)
 
@@ -188,8 +192,11 @@ def random_signs(shape: Sequence[int], like: Tensor) -> Tensor:
     if _is_exporting():
         # torch.export / ONNX with a symbolic batch take the plain form: one uniform per
         # sign, which symbolic shapes and ONNX handle (no generator argument when unseeded).
-        uniform = (torch.rand(shape, dtype=like.dtype, device=device) if gen is None
-                   else torch.rand(shape, dtype=like.dtype, device=device, generator=gen))
+        uniform = (
+            torch.rand(shape, dtype=like.dtype, device=device)
+            if gen is None
+            else torch.rand(shape, dtype=like.dtype, device=device, generator=gen)
+        )
         signs = uniform.lt(0.5)
         return signs.to(like.dtype).mul(2.0).sub(1.0).to(like.device)
     numel = math.prod(shape)

@@ -56,8 +56,14 @@ class _FlipoutProjection:
     every time step of a sequence sees the same weights.
     """
 
-    def __init__(self, mu_weight: Tensor, mu_bias: Tensor | None, delta_weight: Tensor,
-                 delta_bias: Tensor | None, batch_size: int) -> None:
+    def __init__(
+        self,
+        mu_weight: Tensor,
+        mu_bias: Tensor | None,
+        delta_weight: Tensor,
+        delta_bias: Tensor | None,
+        batch_size: int,
+    ) -> None:
         self.mu_weight_t = mu_weight.t()
         self.delta_weight_t = delta_weight.t()
         self.sign_in = noise.random_signs((batch_size, mu_weight.shape[1]), mu_weight)
@@ -110,17 +116,29 @@ class _BayesRNNBase(BayesianModule):
         estimator: str = "reparameterization",
         prior: Prior | None = None,
     ) -> None:
-        super().__init__(prior_mu=prior_mu, prior_sigma=prior_sigma,
-                         posterior_mu_init=posterior_mu_init,
-                         posterior_rho_init=posterior_rho_init, estimator=estimator, prior=prior)
+        super().__init__(
+            prior_mu=prior_mu,
+            prior_sigma=prior_sigma,
+            posterior_mu_init=posterior_mu_init,
+            posterior_rho_init=posterior_rho_init,
+            estimator=estimator,
+            prior=prior,
+        )
         self._check_estimator()
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
-                            ("num_layers", num_layers)):
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         # The meta-device twin validates the rest exactly as torch does and names the weights.
-        twin = self._torch_cls(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
-                               dropout=dropout, bidirectional=bidirectional, device="meta")
+        twin = self._torch_cls(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias=bias,
+            batch_first=batch_first,
+            dropout=dropout,
+            bidirectional=bidirectional,
+            device="meta",
+        )
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
@@ -145,9 +163,11 @@ class _BayesRNNBase(BayesianModule):
 
     def _check_estimator(self) -> None:
         if self.estimator not in RNN_ESTIMATORS:
-            raise ValueError(f"{type(self).__name__} supports estimator in {RNN_ESTIMATORS}, got "
-                             f"{self.estimator!r} (local reparameterization would resample the "
-                             f"weights shared across time steps independently at every step)")
+            raise ValueError(
+                f"{type(self).__name__} supports estimator in {RNN_ESTIMATORS}, got "
+                f"{self.estimator!r} (local reparameterization would resample the "
+                f"weights shared across time steps independently at every step)"
+            )
 
     def _weight_names(self, layer: int, direction: int) -> tuple[str, str, str | None, str | None]:
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
@@ -171,17 +191,19 @@ class _BayesRNNBase(BayesianModule):
 
     def _flipout_projection(self, weight: str, bias: str | None, batch_size: int) -> _FlipoutProjection:
         return _FlipoutProjection(
-            getattr(self, f"{weight}_mu"), None if bias is None else getattr(self, f"{bias}_mu"),
+            getattr(self, f"{weight}_mu"),
+            None if bias is None else getattr(self, f"{bias}_mu"),
             BF.sample_perturbation(getattr(self, f"{weight}_rho")),
             None if bias is None else BF.sample_perturbation(getattr(self, f"{bias}_rho")),
-            batch_size)
+            batch_size,
+        )
 
-    def _projections(self, layer: int, direction: int,
-                     batch_size: int) -> tuple[_FlipoutProjection, _FlipoutProjection]:
+    def _projections(
+        self, layer: int, direction: int, batch_size: int
+    ) -> tuple[_FlipoutProjection, _FlipoutProjection]:
         """Flipout input and hidden projections of one layer and direction, for the time loop."""
         w_ih, w_hh, b_ih, b_hh = self._weight_names(layer, direction)
-        return (self._flipout_projection(w_ih, b_ih, batch_size),
-                self._flipout_projection(w_hh, b_hh, batch_size))
+        return (self._flipout_projection(w_ih, b_ih, batch_size), self._flipout_projection(w_hh, b_hh, batch_size))
 
     # ----------------------------------------------------------------- input checks
     def _check_input(self, input: Tensor) -> bool:
@@ -191,27 +213,35 @@ class _BayesRNNBase(BayesianModule):
             raise TypeError(f"{name}: input must be a Tensor, got {type(input).__name__}")
         if input.dim() not in (2, 3):
             layout = "(N, L, H_in)" if self.batch_first else "(L, N, H_in)"
-            raise ValueError(f"{name}: input must be 3-D {layout} (batch_first={self.batch_first}) or "
-                             f"2-D (L, H_in) unbatched, got shape {tuple(input.shape)}")
+            raise ValueError(
+                f"{name}: input must be 3-D {layout} (batch_first={self.batch_first}) or "
+                f"2-D (L, H_in) unbatched, got shape {tuple(input.shape)}"
+            )
         if input.shape[-1] != self.input_size:
-            raise ValueError(f"{name}: input must have input_size={self.input_size} features in its last "
-                             f"dimension, got shape {tuple(input.shape)}")
+            raise ValueError(
+                f"{name}: input must have input_size={self.input_size} features in its last "
+                f"dimension, got shape {tuple(input.shape)}"
+            )
         return input.dim() == 3
 
     def _check_state(self, state: Tensor, what: str, batched: bool, batch_size: int) -> None:
-        expected = (self.num_layers * self.num_directions,) + ((batch_size,) if batched else ()) + (
-            self.hidden_size,)
+        expected = (self.num_layers * self.num_directions,) + ((batch_size,) if batched else ()) + (self.hidden_size,)
         if not isinstance(state, Tensor):
             raise TypeError(f"{type(self).__name__}: {what} must be a Tensor, got {type(state).__name__}")
         if tuple(state.shape) != expected:
-            dims = "(num_layers * num_directions, N, hidden_size)" if batched else \
-                "(num_layers * num_directions, hidden_size) for unbatched input"
-            raise ValueError(f"{type(self).__name__}: {what} must have shape {dims} = {expected}, "
-                             f"got {tuple(state.shape)}")
+            dims = (
+                "(num_layers * num_directions, N, hidden_size)"
+                if batched
+                else "(num_layers * num_directions, hidden_size) for unbatched input"
+            )
+            raise ValueError(
+                f"{type(self).__name__}: {what} must have shape {dims} = {expected}, got {tuple(state.shape)}"
+            )
 
     def _zero_state(self, input: Tensor, batch_size: int) -> Tensor:
-        return torch.zeros(self.num_layers * self.num_directions, batch_size, self.hidden_size,
-                           dtype=input.dtype, device=input.device)
+        return torch.zeros(
+            self.num_layers * self.num_directions, batch_size, self.hidden_size, dtype=input.dtype, device=input.device
+        )
 
     # ----------------------------------------------------------------- forward
     def _run(self, input: Tensor | PackedSequence, hx: Any) -> tuple[Any, Any]:
@@ -258,37 +288,62 @@ class _BayesRNNBase(BayesianModule):
         hx = tuple(s.narrow(1, 0, 1) for s in states)
         weights = [getattr(self, f"{name}_mu").detach() for name in self._flat_weights_names]
         with torch.no_grad():
-            probe = type(self)._fused(step, hx if len(hx) > 1 else hx[0], weights, self.bias,
-                                      self.num_layers, 0.0, False, self.bidirectional, self.batch_first)
+            probe = type(self)._fused(
+                step,
+                hx if len(hx) > 1 else hx[0],
+                weights,
+                self.bias,
+                self.num_layers,
+                0.0,
+                False,
+                self.bidirectional,
+                self.batch_first,
+            )
         return probe[0].dtype
 
     def _run_packed(self, input: PackedSequence, hx: Any) -> tuple[PackedSequence, tuple[Tensor, ...]]:
         """Variable-length sequences, as ``torch.nn.LSTM`` takes them (fused kernel only)."""
         if not self.deterministic and self.estimator != "reparameterization":
-            raise ValueError(f"{type(self).__name__}: PackedSequence input needs estimator="
-                             f"'reparameterization' (or posterior-mean mode), got {self.estimator!r}; "
-                             "pad the sequences for flipout")
+            raise ValueError(
+                f"{type(self).__name__}: PackedSequence input needs estimator="
+                f"'reparameterization' (or posterior-mean mode), got {self.estimator!r}; "
+                "pad the sequences for flipout"
+            )
         if vectorized.active_sample_groups() is not None:
-            raise RuntimeError(f"{type(self).__name__}: a PackedSequence cannot hold several Monte Carlo "
-                               "samples; use predict(..., chunk_size=1) for this model")
+            raise RuntimeError(
+                f"{type(self).__name__}: a PackedSequence cannot hold several Monte Carlo "
+                "samples; use predict(..., chunk_size=1) for this model"
+            )
         data, batch_sizes, sorted_indices, unsorted_indices = input
         if data.dim() != 2 or data.shape[-1] != self.input_size:
-            raise ValueError(f"{type(self).__name__}: packed data must have shape (sum of lengths, "
-                             f"input_size={self.input_size}), got {tuple(data.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: packed data must have shape (sum of lengths, "
+                f"input_size={self.input_size}), got {tuple(data.shape)}"
+            )
         batch_size = int(batch_sizes[0])
         states = self._initial_state(data, hx, True, batch_size)
         if hx is not None and sorted_indices is not None:  # the caller's order -> the packed order
             states = tuple(s.index_select(1, sorted_indices) for s in states)
         hidden: Any = states if len(states) > 1 else states[0]
-        result = type(self)._fused(data, batch_sizes, hidden, list(self.sample_weights().values()), self.bias,
-                                   self.num_layers, self.dropout, self.training, self.bidirectional)
+        result = type(self)._fused(
+            data,
+            batch_sizes,
+            hidden,
+            list(self.sample_weights().values()),
+            self.bias,
+            self.num_layers,
+            self.dropout,
+            self.training,
+            self.bidirectional,
+        )
         final = tuple(result[1:])
         if unsorted_indices is not None:
             final = tuple(s.index_select(1, unsorted_indices) for s in final)
         return PackedSequence(result[0], batch_sizes, sorted_indices, unsorted_indices), final
 
-    def _forward_sample_groups(self, input: Tensor, states: tuple[Tensor, ...], num_groups: int,
-                               batched: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def _forward_sample_groups(
+        self, input: Tensor, states: tuple[Tensor, ...], num_groups: int, batched: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """One independent posterior draw per block of the batch (see :mod:`torchbayes.nn.vectorized`).
 
         Each block runs PyTorch's fused recurrence on its own weight draw: exact posterior
@@ -299,23 +354,35 @@ class _BayesRNNBase(BayesianModule):
             raise RuntimeError(
                 f"{type(self).__name__}: predicting {num_groups} Monte Carlo samples per pass needs "
                 f"a batch dimension divisible by {num_groups}; got input of shape {tuple(input.shape)} "
-                f"(batch_first={self.batch_first}). Use predict(..., chunk_size=1) for this model.")
+                f"(batch_first={self.batch_first}). Use predict(..., chunk_size=1) for this model."
+            )
         blocks = zip(input.chunk(num_groups, batch_dim), *(s.chunk(num_groups, 1) for s in states))
         results = [self._fused_forward(block[0], tuple(block[1:]), self.sample_weights()) for block in blocks]
         output = torch.cat([out for out, _ in results], dim=batch_dim)
         final = tuple(torch.cat(parts, dim=1) for parts in zip(*(f for _, f in results)))
         return output, final
 
-    def _fused_forward(self, input: Tensor, states: tuple[Tensor, ...],
-                       weights: dict[str, Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def _fused_forward(
+        self, input: Tensor, states: tuple[Tensor, ...], weights: dict[str, Tensor]
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """PyTorch's own recurrence (C++ time loop) on one draw of the weights."""
         hx: Any = states if len(states) > 1 else states[0]
-        result = type(self)._fused(input, hx, list(weights.values()), self.bias, self.num_layers,
-                                   self.dropout, self.training, self.bidirectional, self.batch_first)
+        result = type(self)._fused(
+            input,
+            hx,
+            list(weights.values()),
+            self.bias,
+            self.num_layers,
+            self.dropout,
+            self.training,
+            self.bidirectional,
+            self.batch_first,
+        )
         return result[0], tuple(result[1:])
 
-    def _loop_forward(self, input: Tensor, states: tuple[Tensor, ...],
-                      collect_cells: bool = False) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def _loop_forward(
+        self, input: Tensor, states: tuple[Tensor, ...], collect_cells: bool = False
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """The flipout recurrence: a Python loop over time on per-example weight draws.
 
         Args:
@@ -333,8 +400,9 @@ class _BayesRNNBase(BayesianModule):
                 project_input, project_hidden = self._projections(layer, direction, batch_size)
                 sequence = x.flip(0) if direction == 1 else x
                 # One matmul for the input projections of all time steps.
-                out, last, cell_seq = self._recurrence(project_input(sequence), project_hidden,
-                                                       tuple(s[index] for s in states), collect_cells)
+                out, last, cell_seq = self._recurrence(
+                    project_input(sequence), project_hidden, tuple(s[index] for s in states), collect_cells
+                )
                 outputs.append(out.flip(0) if direction == 1 else out)
                 if collect_cells:
                     assert cell_seq is not None  # _recurrence returns the cells when asked
@@ -350,8 +418,9 @@ class _BayesRNNBase(BayesianModule):
             return output, (*final, torch.cat(cells, dim=-1))
         return output, final
 
-    def _recurrence(self, pre: Tensor, project_hidden: _FlipoutProjection, state: tuple[Tensor, ...],
-                    collect_cells: bool) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
+    def _recurrence(
+        self, pre: Tensor, project_hidden: _FlipoutProjection, state: tuple[Tensor, ...], collect_cells: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
         """Run one layer and direction over time from precomputed input projections ``pre``."""
         raise NotImplementedError
 
@@ -394,15 +463,27 @@ class _BayesRNNBase(BayesianModule):
             >>> BayesLSTM.from_torch(nn.LSTM(8, 32, num_layers=2), estimator="flipout")
         """
         if not isinstance(module, cls._torch_cls):
-            raise TypeError(f"{cls.__name__}.from_torch: module must be a torch.nn."
-                            f"{cls._torch_cls.__name__}, got {type(module).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_torch: module must be a torch.nn."
+                f"{cls._torch_cls.__name__}, got {type(module).__name__}"
+            )
         if getattr(module, "proj_size", 0):
-            raise ValueError(f"{cls.__name__}.from_torch: LSTM projections are not supported, got "
-                             f"proj_size={module.proj_size}")
+            raise ValueError(
+                f"{cls.__name__}.from_torch: LSTM projections are not supported, got proj_size={module.proj_size}"
+            )
         first = getattr(module, module._flat_weights_names[0])
-        layer = cls(module.input_size, module.hidden_size, module.num_layers, module.bias,
-                    module.batch_first, module.dropout, module.bidirectional,
-                    device=first.device, dtype=first.dtype, **bayes_kwargs)
+        layer = cls(
+            module.input_size,
+            module.hidden_size,
+            module.num_layers,
+            module.bias,
+            module.batch_first,
+            module.dropout,
+            module.bidirectional,
+            device=first.device,
+            dtype=first.dtype,
+            **bayes_kwargs,
+        )
         with torch.no_grad():
             for name, mu, rho, _ in layer.variational_parameters():
                 mu.copy_(getattr(module, name)).add_(layer.posterior_mu_init)
@@ -417,9 +498,17 @@ class _BayesRNNBase(BayesianModule):
             A new ``torch.nn.LSTM``/``GRU`` (same hyperparameters, device and dtype).
         """
         mu = next(self.parameters())
-        twin = self._torch_cls(self.input_size, self.hidden_size, self.num_layers, bias=self.bias,
-                               batch_first=self.batch_first, dropout=self.dropout,
-                               bidirectional=self.bidirectional, device=mu.device, dtype=mu.dtype)
+        twin = self._torch_cls(
+            self.input_size,
+            self.hidden_size,
+            self.num_layers,
+            bias=self.bias,
+            batch_first=self.batch_first,
+            dropout=self.dropout,
+            bidirectional=self.bidirectional,
+            device=mu.device,
+            dtype=mu.dtype,
+        )
         with torch.no_grad():
             for name in self._flat_weights_names:
                 getattr(twin, name).copy_(getattr(self, f"{name}_mu"))
@@ -474,8 +563,9 @@ class BayesLSTM(_BayesRNNBase):
     _torch_cls = nn.LSTM
     _fused = staticmethod(_VF.lstm)
 
-    def forward(self, input: Tensor | PackedSequence,
-                hx: LSTMState | None = None) -> tuple[Tensor | PackedSequence, LSTMState]:
+    def forward(
+        self, input: Tensor | PackedSequence, hx: LSTMState | None = None
+    ) -> tuple[Tensor | PackedSequence, LSTMState]:
         """Run the sequence(s) through one network drawn from the posterior.
 
         Args:
@@ -499,8 +589,9 @@ class BayesLSTM(_BayesRNNBase):
         self._check_state(hx[1], "c_0 (hx[1])", batched, batch_size)
         return (hx[0], hx[1]) if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
 
-    def _recurrence(self, pre: Tensor, project_hidden: _FlipoutProjection, state: tuple[Tensor, ...],
-                    collect_cells: bool) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
+    def _recurrence(
+        self, pre: Tensor, project_hidden: _FlipoutProjection, state: tuple[Tensor, ...], collect_cells: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
         h, c = state
         if project_hidden.const is not None:  # the hidden bias is constant in time: add it once
             pre = pre + project_hidden.const
@@ -510,9 +601,10 @@ class BayesLSTM(_BayesRNNBase):
             gates = project_hidden.accumulate(x_gates, h)
             # One sigmoid over all gates (the cell gate's is unused) beats three slices.
             act = gates.sigmoid()
-            c = torch.addcmul(act[:, hidden:2 * hidden] * c, act[:, :hidden],
-                              gates[:, 2 * hidden:3 * hidden].tanh())
-            h = act[:, 3 * hidden:] * c.tanh()
+            c = torch.addcmul(
+                act[:, hidden : 2 * hidden] * c, act[:, :hidden], gates[:, 2 * hidden : 3 * hidden].tanh()
+            )
+            h = act[:, 3 * hidden :] * c.tanh()
             hs.append(h)
             if collect_cells:
                 cs.append(c)
@@ -543,8 +635,9 @@ class BayesGRU(_BayesRNNBase):
     _torch_cls = nn.GRU
     _fused = staticmethod(_VF.gru)
 
-    def forward(self, input: Tensor | PackedSequence,
-                hx: Tensor | None = None) -> tuple[Tensor | PackedSequence, Tensor]:
+    def forward(
+        self, input: Tensor | PackedSequence, hx: Tensor | None = None
+    ) -> tuple[Tensor | PackedSequence, Tensor]:
         """Run the sequence(s) through one network drawn from the posterior.
 
         Args:
@@ -564,18 +657,19 @@ class BayesGRU(_BayesRNNBase):
         self._check_state(hx, "hx", batched, batch_size)
         return (hx,) if batched else (hx.unsqueeze(1),)
 
-    def _recurrence(self, pre: Tensor, project_hidden: _FlipoutProjection, state: tuple[Tensor, ...],
-                    collect_cells: bool) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
+    def _recurrence(
+        self, pre: Tensor, project_hidden: _FlipoutProjection, state: tuple[Tensor, ...], collect_cells: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
         (h,) = state
         hs = []
         hidden = self.hidden_size
         for x_gates in pre.unbind(0):
             h_gates = project_hidden(h)
-            reset_update = (x_gates[:, :2 * hidden] + h_gates[:, :2 * hidden]).sigmoid()
-            candidate = torch.addcmul(x_gates[:, 2 * hidden:], reset_update[:, :hidden],
-                                      h_gates[:, 2 * hidden:]).tanh()
+            reset_update = (x_gates[:, : 2 * hidden] + h_gates[:, : 2 * hidden]).sigmoid()
+            candidate = torch.addcmul(
+                x_gates[:, 2 * hidden :], reset_update[:, :hidden], h_gates[:, 2 * hidden :]
+            ).tanh()
             # h' = (1 - z) * n + z * h
             h = torch.addcmul(candidate, reset_update[:, hidden:], h - candidate)
             hs.append(h)
         return torch.stack(hs), (h,), None
-

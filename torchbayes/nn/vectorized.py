@@ -105,9 +105,16 @@ class SampleGroups:
         if x.dim() == 0:
             return None
         for ref in self.shared_inputs:
-            if (x.data_ptr() == ref.data_ptr() and x.dtype == ref.dtype and x.device == ref.device
-                    and x.numel() == ref.numel() and x.shape[0] == ref.shape[0]
-                    and x.stride(0) == ref.stride(0) and x[0].is_contiguous() and ref[0].is_contiguous()):
+            if (
+                x.data_ptr() == ref.data_ptr()
+                and x.dtype == ref.dtype
+                and x.device == ref.device
+                and x.numel() == ref.numel()
+                and x.shape[0] == ref.shape[0]
+                and x.stride(0) == ref.stride(0)
+                and x[0].is_contiguous()
+                and ref[0].is_contiguous()
+            ):
                 return ref
         return None
 
@@ -122,7 +129,8 @@ class SampleGroups:
             raise RuntimeError(
                 f"{type(module).__name__}: predicting {g} Monte Carlo samples per pass needs the "
                 f"batch in dim 0 of every Bayesian layer's input, divisible by {g}; got input of "
-                f"shape {tuple(x.shape)}. Use predict(..., chunk_size=1) for this model.")
+                f"shape {tuple(x.shape)}. Use predict(..., chunk_size=1) for this model."
+            )
         return g
 
     def shared_result(self, module: torch.nn.Module, x: Tensor, compute: Callable[[], Any]) -> Any:
@@ -145,8 +153,7 @@ class SampleGroups:
         return value
 
 
-_ACTIVE: contextvars.ContextVar[SampleGroups | None] = contextvars.ContextVar(
-    "torchbayes_sample_groups", default=None)
+_ACTIVE: contextvars.ContextVar[SampleGroups | None] = contextvars.ContextVar("torchbayes_sample_groups", default=None)
 
 
 def active_sample_groups() -> SampleGroups | None:
@@ -155,9 +162,13 @@ def active_sample_groups() -> SampleGroups | None:
 
 
 @contextlib.contextmanager
-def sample_groups(num_groups: int, *, shared_weights: bool = False,
-                  shared_input: Tensor | Sequence[Tensor] | None = None,
-                  cache: dict | None = None) -> Iterator[SampleGroups]:
+def sample_groups(
+    num_groups: int,
+    *,
+    shared_weights: bool = False,
+    shared_input: Tensor | Sequence[Tensor] | None = None,
+    cache: dict | None = None,
+) -> Iterator[SampleGroups]:
     """Make every Bayesian layer draw ``num_groups`` independent samples per forward pass.
 
     Args:
@@ -178,8 +189,9 @@ def sample_groups(num_groups: int, *, shared_weights: bool = False,
     """
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
         raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
-    shared = () if shared_input is None else (
-        (shared_input,) if isinstance(shared_input, Tensor) else tuple(shared_input))
+    shared = (
+        () if shared_input is None else ((shared_input,) if isinstance(shared_input, Tensor) else tuple(shared_input))
+    )
     groups = SampleGroups(num_groups, bool(shared_weights), shared, {} if cache is None else cache)
     token = _ACTIVE.set(groups)
     try:
@@ -195,6 +207,7 @@ def _weight_samples(layer: BayesianWeightLayer, num: int, groups: SampleGroups) 
     def draw(mu: Tensor, sigma: Tensor) -> Tensor:
         # In place on the fresh noise: one weight-sized pass and no further allocation.
         return noise.randn((num, *mu.shape), mu).mul_(sigma).add_(mu)
+
     bias = None if layer.bias_mu is None or sigma_b is None else draw(layer.bias_mu, sigma_b)
     return draw(layer.weight_mu, sigma_w), bias
 
@@ -218,8 +231,10 @@ def forward_sample_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, groups:
     if isinstance(layer, BayesLinear):
         return _linear_groups(layer, x, op, g, shared, groups)
     if x.dim() != layer._num_spatial_dims + 2:
-        raise RuntimeError(f"{type(layer).__name__}: an unbatched input of shape {tuple(x.shape)} "
-                           "cannot hold several Monte Carlo samples; give it a batch dimension")
+        raise RuntimeError(
+            f"{type(layer).__name__}: an unbatched input of shape {tuple(x.shape)} "
+            "cannot hold several Monte Carlo samples; give it a batch dimension"
+        )
     if not groups.shared_weights:
         taps = _single_position_taps(layer, x)
         if taps is not None:
@@ -229,20 +244,26 @@ def forward_sample_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, groups:
     return _conv_groups(layer, x, op, g, shared, groups)
 
 
-def _linear_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared: bool,
-                   groups: SampleGroups) -> Tensor:
+def _linear_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared: bool, groups: SampleGroups) -> Tensor:
     n_in, n_out = layer.weight_mu.shape[1], layer.weight_mu.shape[0]
     rows = x.shape[0] // g
-    if (groups.shared_weights or x.dim() != 2
-            or (not shared and _weight_draws_are_cheaper(rows, n_in, n_out))):
+    if groups.shared_weights or x.dim() != 2 or (not shared and _weight_draws_are_cheaper(rows, n_in, n_out)):
         return _linear_weight_draws(layer, x, g, shared, groups)
     var_w, var_b = _posterior_variances(layer, groups)
     return _local_groups(layer, x, x, op, (layer.weight_mu, layer.bias_mu, var_w, var_b), g, shared, groups)
 
 
-def _local_groups(layer: BayesianWeightLayer, x: Tensor, rows_in: Tensor | None, op: Op,
-                  weights: tuple[Tensor, Tensor | None, Tensor, Tensor | None], g: int, shared: bool,
-                  groups: SampleGroups, prepare: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def _local_groups(
+    layer: BayesianWeightLayer,
+    x: Tensor,
+    rows_in: Tensor | None,
+    op: Op,
+    weights: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
+    g: int,
+    shared: bool,
+    groups: SampleGroups,
+    prepare: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
     """Local reparameterization of a linear map: ``N(x mu^T + b, x^2 sigma^2^T + sigma_b^2)``.
 
     ``x`` is the layer's input (it identifies a shared input), ``rows_in`` the
@@ -256,9 +277,11 @@ def _local_groups(layer: BayesianWeightLayer, x: Tensor, rows_in: Tensor | None,
     rows = total // g
     eps = noise.randn((g, 1, n_out), x)
     if shared:
+
         def moments() -> tuple[Tensor, Tensor]:
             x0 = x[:rows] if prepare is None else prepare(x[:rows])
             return op(x0, mu_w, mu_b), op(torch.square(x0), var_w, var_b).sqrt_()
+
         mean, std = groups.shared_result(layer, x, moments)
         return torch.addcmul(mean, std, eps).reshape(total, n_out)
     assert rows_in is not None
@@ -294,8 +317,10 @@ def _posterior_sigmas(layer: BayesianWeightLayer, groups: SampleGroups) -> tuple
     """``softplus(rho)`` of weight and bias, computed once per prediction (parameters are fixed)."""
     key = (id(layer), "posterior_sigmas")
     if key not in groups.cache:
-        groups.cache[key] = (BF.softplus(layer.weight_rho),
-                             None if layer.bias_rho is None else BF.softplus(layer.bias_rho))
+        groups.cache[key] = (
+            BF.softplus(layer.weight_rho),
+            None if layer.bias_rho is None else BF.softplus(layer.bias_rho),
+        )
     return groups.cache[key]
 
 
@@ -318,15 +343,15 @@ def _scratch(groups: SampleGroups, layer: BayesianWeightLayer, name: str, like: 
     return buffer
 
 
-def _linear_weight_draws(layer: BayesianWeightLayer, x: Tensor, g: int, shared: bool,
-                         groups: SampleGroups) -> Tensor:
+def _linear_weight_draws(layer: BayesianWeightLayer, x: Tensor, g: int, shared: bool, groups: SampleGroups) -> Tensor:
     """One weight draw per group for all its examples (exact for any input shape)."""
     n_in, n_out = layer.weight_mu.shape[1], layer.weight_mu.shape[0]
     weight, bias = _weight_samples(layer, g, groups)
     if shared:
         x0 = x[: x.shape[0] // g]
         out = torch.nn.functional.linear(
-            x0, weight.reshape(g * n_out, n_in), None if bias is None else bias.reshape(-1))
+            x0, weight.reshape(g * n_out, n_in), None if bias is None else bias.reshape(-1)
+        )
         out = out.unflatten(-1, (g, n_out)).movedim(-2, 0)
         return out.reshape(x.shape[0], *out.shape[2:])
     xg = x.reshape(g, -1, n_in)
@@ -367,8 +392,9 @@ def _single_position_taps(layer: BayesianWeightLayer, x: Tensor) -> Taps | None:
     return tuple(inputs), tuple(taps)
 
 
-def _single_position_conv(layer: BayesianWeightLayer, x: Tensor, taps: Taps, g: int, shared: bool,
-                          groups: SampleGroups) -> Tensor | None:
+def _single_position_conv(
+    layer: BayesianWeightLayer, x: Tensor, taps: Taps, g: int, shared: bool, groups: SampleGroups
+) -> Tensor | None:
     """A one-position convolution as the linear map it is, by local reparameterization
     (exact, see :func:`_single_position_taps`); ``None`` when kernel draws are cheaper."""
     inputs, kernel_range = taps
@@ -378,8 +404,12 @@ def _single_position_conv(layer: BayesianWeightLayer, x: Tensor, taps: Taps, g: 
     if weights is None:
         var_w, var_b = _posterior_variances(layer, groups)
         window = (slice(None), slice(None), *(slice(a, b) for a, b in kernel_range))
-        weights = groups.cache[key] = (layer.weight_mu[window].reshape(n_out, -1), layer.bias_mu,
-                                       var_w[window].reshape(n_out, -1), var_b)
+        weights = groups.cache[key] = (
+            layer.weight_mu[window].reshape(n_out, -1),
+            layer.bias_mu,
+            var_w[window].reshape(n_out, -1),
+            var_b,
+        )
     if not shared and _weight_draws_are_cheaper(x.shape[0] // g, weights[0].shape[1], n_out):
         return None
     window = (slice(None), slice(None), *inputs)
@@ -387,13 +417,21 @@ def _single_position_conv(layer: BayesianWeightLayer, x: Tensor, taps: Taps, g: 
     def patches(t: Tensor) -> Tensor:
         return t[window].reshape(t.shape[0], -1)
 
-    out = _local_groups(layer, x, None if shared else patches(x), torch.nn.functional.linear, weights, g,
-                        shared, groups, prepare=patches)
+    out = _local_groups(
+        layer,
+        x,
+        None if shared else patches(x),
+        torch.nn.functional.linear,
+        weights,
+        g,
+        shared,
+        groups,
+        prepare=patches,
+    )
     return out.view(x.shape[0], n_out, *([1] * (x.dim() - 2)))
 
 
-def _conv_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared: bool,
-                 groups: SampleGroups) -> Tensor:
+def _conv_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared: bool, groups: SampleGroups) -> Tensor:
     # Per-group kernels for every convolution: exact, whatever the estimator.
     weight, bias = _weight_samples(layer, g, groups)
     n = x.shape[0] // g
@@ -419,6 +457,13 @@ def _grouped_conv(conv_layer: BayesianWeightLayer, x: Tensor, weight: Tensor, bi
     conv = _CONVOLUTIONS[layer._num_spatial_dims]
     # (g*n, C, ...) -> (n, g*C, ...): free when n == 1, a copy otherwise.
     xg = x.unflatten(0, (g, n)).transpose(0, 1).flatten(1, 2)
-    out = conv(xg, weight.flatten(0, 1), None if bias is None else bias.reshape(-1), layer.stride,
-               layer.padding, layer.dilation, g * layer.groups)
+    out = conv(
+        xg,
+        weight.flatten(0, 1),
+        None if bias is None else bias.reshape(-1),
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        g * layer.groups,
+    )
     return out.unflatten(1, (g, -1)).transpose(0, 1).reshape(x.shape[0], -1, *out.shape[2:])

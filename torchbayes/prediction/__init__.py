@@ -29,8 +29,7 @@ from torchbayes.prediction.results import (
 )
 from torchbayes.prediction.sampling import default_chunk_size, draw_samples
 
-__all__ = ["ClassificationPrediction", "Prediction", "RegressionPrediction", "dropout_modules", "predict",
-           "summarize"]
+__all__ = ["ClassificationPrediction", "Prediction", "RegressionPrediction", "dropout_modules", "predict", "summarize"]
 
 METHODS = ("mc", "moments")
 TASKS = ("classification", "regression")
@@ -130,8 +129,9 @@ def predict(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "moments":
-        return _moment_prediction(model, x, num_samples, task, outputs, output_variance, chunk_size, seed,
-                                  shared_weights, dropout)
+        return _moment_prediction(
+            model, x, num_samples, task, outputs, output_variance, chunk_size, seed, shared_weights, dropout
+        )
     if isinstance(model, Ensemble):
         samples = _ensemble_samples(model, x, num_samples, chunk_size, seed, shared_weights, dropout)
         return summarize(samples, task=task, outputs=outputs, output_variance=output_variance)
@@ -139,16 +139,27 @@ def predict(
     return summarize(samples, task=task, outputs=outputs, output_variance=output_variance)
 
 
-def _moment_prediction(model: nn.Module, x: Tensor, num_samples: int, task: str, outputs: str,
-                       output_variance: str | None, chunk_size: int | None, seed: int | torch.Generator | None,
-                       shared_weights: bool, dropout: bool) -> ClassificationPrediction | RegressionPrediction:
-    for name, value, default in (("chunk_size", chunk_size, None), ("shared_weights", shared_weights, False),
-                                 ("dropout", dropout, False)):
+def _moment_prediction(
+    model: nn.Module,
+    x: Tensor,
+    num_samples: int,
+    task: str,
+    outputs: str,
+    output_variance: str | None,
+    chunk_size: int | None,
+    seed: int | torch.Generator | None,
+    shared_weights: bool,
+    dropout: bool,
+) -> ClassificationPrediction | RegressionPrediction:
+    for name, value, default in (
+        ("chunk_size", chunk_size, None),
+        ("shared_weights", shared_weights, False),
+        ("dropout", dropout, False),
+    ):
         if value != default:
             raise ValueError(f"{name}={value!r} applies to method='mc' only; method='moments' takes none")
     if task == "classification" and outputs != "logits":
-        raise ValueError("method='moments' propagates moments to the logits; outputs='probabilities' "
-                         "needs method='mc'")
+        raise ValueError("method='moments' propagates moments to the logits; outputs='probabilities' needs method='mc'")
     if isinstance(model, Ensemble):
         raise ValueError("method='moments' does not take an Ensemble; predict with method='mc'")
     _check_input_matches_model([m for _, m in iter_bayesian_modules(model)], x)
@@ -156,13 +167,22 @@ def _moment_prediction(model: nn.Module, x: Tensor, num_samples: int, task: str,
     return summarize(samples, task=task, outputs="logits", output_variance=output_variance)
 
 
-def _monte_carlo_samples(model: nn.Module, x: Tensor, num_samples: int, chunk_size: int | None,
-                         seed: int | torch.Generator | None, shared_weights: bool, dropout: bool) -> Tensor:
+def _monte_carlo_samples(
+    model: nn.Module,
+    x: Tensor,
+    num_samples: int,
+    chunk_size: int | None,
+    seed: int | torch.Generator | None,
+    shared_weights: bool,
+    dropout: bool,
+) -> Tensor:
     modules: list[nn.Module] = [m for _, m in iter_bayesian_modules(model)]
     active = dropout_modules(model) if dropout else []
     if dropout and not active:
-        raise ValueError(f"dropout=True needs dropout modules (nn.Dropout, ...), but "
-                         f"{type(model).__name__} has none; add some or predict without dropout")
+        raise ValueError(
+            f"dropout=True needs dropout modules (nn.Dropout, ...), but "
+            f"{type(model).__name__} has none; add some or predict without dropout"
+        )
     _check_input_matches_model(modules, x, model if active else None)
     if chunk_size is None:
         chunk_size = default_chunk_size(modules, num_samples, x.shape[0])
@@ -185,8 +205,15 @@ def _seeded_dropout(seed: int | torch.Generator | None, device: torch.device) ->
         yield
 
 
-def _ensemble_samples(ensemble: Ensemble, x: Tensor, num_samples: int, chunk_size: int | None,
-                      seed: int | torch.Generator | None, shared_weights: bool, dropout: bool) -> Tensor:
+def _ensemble_samples(
+    ensemble: Ensemble,
+    x: Tensor,
+    num_samples: int,
+    chunk_size: int | None,
+    seed: int | torch.Generator | None,
+    shared_weights: bool,
+    dropout: bool,
+) -> Tensor:
     stochastic = dropout or next(iter_bayesian_modules(ensemble), None) is not None
     if not stochastic:  # the members are the samples: one vectorized pass
         _check_input_matches_model([ensemble], x)
@@ -194,8 +221,12 @@ def _ensemble_samples(ensemble: Ensemble, x: Tensor, num_samples: int, chunk_siz
             return ensemble.member_outputs(x)
     # Each member is a posterior of its own: S samples from each, stacked (a mixture).
     generator = torch.Generator().manual_seed(seed) if isinstance(seed, int) else seed
-    return torch.cat([_monte_carlo_samples(member, x, num_samples, chunk_size, generator, shared_weights, dropout)
-                      for member in ensemble.members])
+    return torch.cat(
+        [
+            _monte_carlo_samples(member, x, num_samples, chunk_size, generator, shared_weights, dropout)
+            for member in ensemble.members
+        ]
+    )
 
 
 def dropout_modules(model: nn.Module) -> list[nn.Module]:
@@ -203,8 +234,15 @@ def dropout_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _DropoutNd)]
 
 
-def _check_arguments(model: nn.Module, x: Tensor, num_samples: int, task: str, outputs: str,
-                     output_variance: str | None, chunk_size: int | None) -> None:
+def _check_arguments(
+    model: nn.Module,
+    x: Tensor,
+    num_samples: int,
+    task: str,
+    outputs: str,
+    output_variance: str | None,
+    chunk_size: int | None,
+) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor):
@@ -229,18 +267,24 @@ def _check_input_matches_model(modules: list[nn.Module], x: Tensor, plain_model:
     if plain_model is not None:  # MC dropout: a network without Bayesian layers is fine
         modules = [*modules, plain_model]
     if not modules:
-        raise ValueError("model has no torchbayes Bayesian layers, so its Monte Carlo samples "
-                         "would all be equal; convert it first (e.g. torchbayes.dnn_to_bnn) or "
-                         "call it directly")
+        raise ValueError(
+            "model has no torchbayes Bayesian layers, so its Monte Carlo samples "
+            "would all be equal; convert it first (e.g. torchbayes.dnn_to_bnn) or "
+            "call it directly"
+        )
     reference = next((p for m in modules for p in m.parameters()), None)
     if reference is None:
         return
     if x.device != reference.device:
-        raise ValueError(f"x is on {x.device} but the model's parameters are on {reference.device}; "
-                         f"move x with x.to({str(reference.device)!r})")
+        raise ValueError(
+            f"x is on {x.device} but the model's parameters are on {reference.device}; "
+            f"move x with x.to({str(reference.device)!r})"
+        )
     if x.is_floating_point() and x.dtype != reference.dtype:
-        raise ValueError(f"x has dtype {x.dtype} but the model's parameters have dtype "
-                         f"{reference.dtype}; convert x with x.to({reference.dtype})")
+        raise ValueError(
+            f"x has dtype {x.dtype} but the model's parameters have dtype "
+            f"{reference.dtype}; convert x with x.to({reference.dtype})"
+        )
 
 
 #: From this many rows (samples x inputs) on, predict estimates the result's memory first.
@@ -293,6 +337,8 @@ def _check_result_fits(model: nn.Module, x: Tensor, num_samples: int) -> None:
     else:
         return
     if needed > available:
-        raise ValueError(f"num_samples={num_samples} for {x.shape[0]} input(s) needs about {needed / 1e9:.3g} GB "
-                         f"for the samples and their summary, more than the {available / 1e9:.3g} GB available "
-                         f"on {x.device}; use fewer samples or predict fewer inputs per call")
+        raise ValueError(
+            f"num_samples={num_samples} for {x.shape[0]} input(s) needs about {needed / 1e9:.3g} GB "
+            f"for the samples and their summary, more than the {available / 1e9:.3g} GB available "
+            f"on {x.device}; use fewer samples or predict fewer inputs per call"
+        )

@@ -27,8 +27,7 @@ from torch import fx, nn
 
 from torchbayes.nn.base import BayesianModule
 
-__all__ = ["SampleSplit", "TracingError", "cached_split", "is_random_source", "split_at_random_sources",
-           "trace"]
+__all__ = ["SampleSplit", "TracingError", "cached_split", "is_random_source", "split_at_random_sources", "trace"]
 
 
 class TracingError(RuntimeError):
@@ -68,10 +67,10 @@ def trace(model: nn.Module, leaves: tuple[type[nn.Module], ...] = ()) -> fx.Grap
     try:
         graph = _LeafTracer(leaves).trace(model)
     except Exception as error:  # torch.fx raises many types (TraceError, TypeError, ...)
-        raise TracingError(f"{type(model).__name__}.forward cannot be traced with torch.fx: "
-                           f"{type(error).__name__}: {error}") from error
+        raise TracingError(
+            f"{type(model).__name__}.forward cannot be traced with torch.fx: {type(error).__name__}: {error}"
+        ) from error
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
-
 
 
 # ----------------------------------------------------------------- random sources
@@ -109,19 +108,47 @@ def is_random_source(module: nn.Module) -> bool:
 
 # Functions and tensor methods that draw random numbers when a traced forward calls them.
 _RANDOM_FUNCTIONS: set[Callable[..., Any]] = {
-    torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like,
-    torch.randperm, torch.bernoulli, torch.normal, torch.poisson, torch.multinomial,
-    F.gumbel_softmax, F.fractional_max_pool2d, F.fractional_max_pool3d,
+    torch.rand,
+    torch.rand_like,
+    torch.randn,
+    torch.randn_like,
+    torch.randint,
+    torch.randint_like,
+    torch.randperm,
+    torch.bernoulli,
+    torch.normal,
+    torch.poisson,
+    torch.multinomial,
+    F.gumbel_softmax,
+    F.fractional_max_pool2d,
+    F.fractional_max_pool3d,
 }
 # Dropout-like functions: (position of their ``training`` argument, its default).
 _TRAINING_FUNCTIONS: dict[Callable[..., Any], tuple[int, bool]] = {
-    F.dropout: (2, True), F.dropout1d: (2, True), F.dropout2d: (2, True), F.dropout3d: (2, True),
-    F.alpha_dropout: (2, False), F.feature_alpha_dropout: (2, False), F.rrelu: (3, False),
-    torch.dropout: (2, True), torch.alpha_dropout: (2, True), torch.feature_dropout: (2, True),
+    F.dropout: (2, True),
+    F.dropout1d: (2, True),
+    F.dropout2d: (2, True),
+    F.dropout3d: (2, True),
+    F.alpha_dropout: (2, False),
+    F.feature_alpha_dropout: (2, False),
+    F.rrelu: (3, False),
+    torch.dropout: (2, True),
+    torch.alpha_dropout: (2, True),
+    torch.feature_dropout: (2, True),
     torch.feature_alpha_dropout: (2, True),
 }
-_RANDOM_METHODS = {"bernoulli", "bernoulli_", "normal_", "uniform_", "random_", "exponential_",
-                   "geometric_", "cauchy_", "log_normal_", "multinomial"}
+_RANDOM_METHODS = {
+    "bernoulli",
+    "bernoulli_",
+    "normal_",
+    "uniform_",
+    "random_",
+    "exponential_",
+    "geometric_",
+    "cauchy_",
+    "log_normal_",
+    "multinomial",
+}
 # Queries whose answer depends on the number of rows: on a tensor computed once per example
 # they must answer what the tiled (samples x examples) tensor would.
 _SHAPE_METHODS = {"size", "numel", "nelement"}
@@ -140,8 +167,11 @@ def _is_random_node(node: fx.Node, root: nn.Module) -> bool:
         return True
     if node.target in _TRAINING_FUNCTIONS:
         position, default = _TRAINING_FUNCTIONS[node.target]
-        training = node.args[position] if len(node.args) > position else node.kwargs.get(
-            "training", node.kwargs.get("train", default))
+        training = (
+            node.args[position]
+            if len(node.args) > position
+            else node.kwargs.get("training", node.kwargs.get("train", default))
+        )
         return training is not False  # a traced flag is a constant; anything else may be True
     return False
 
@@ -150,7 +180,8 @@ def _is_shape_query(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _SHAPE_METHODS
     return node.op == "call_function" and bool(
-        node.target is torch.numel or (node.target is getattr and len(node.args) > 1 and node.args[1] == "shape"))
+        node.target is torch.numel or (node.target is getattr and len(node.args) > 1 and node.args[1] == "shape")
+    )
 
 
 # ----------------------------------------------------------------- splitting
@@ -229,10 +260,14 @@ def split_at_random_sources(traced: fx.GraphModule) -> SampleSplit:
         return any(user is output or kind[user] == PER_SAMPLE for user in node.users)
 
     boundary = [n for n in nodes if n is not output and kind[n] < PER_SAMPLE and needed_by_suffix(n)]
-    kinds = tuple("constant" if kind[n] == CONSTANT else
-                  "shape" if all(u is not output and _is_shape_query(u) for u in n.users if
-                                 u is output or kind[u] == PER_SAMPLE) else "tile"
-                  for n in boundary)
+    kinds = tuple(
+        "constant"
+        if kind[n] == CONSTANT
+        else "shape"
+        if all(u is not output and _is_shape_query(u) for u in n.users if u is output or kind[u] == PER_SAMPLE)
+        else "tile"
+        for n in boundary
+    )
 
     prefix_graph, prefix_env = fx.Graph(), dict[fx.Node, fx.Node]()
     for node in nodes:
@@ -248,11 +283,17 @@ def split_at_random_sources(traced: fx.GraphModule) -> SampleSplit:
             suffix_env[node] = suffix_graph.node_copy(node, lambda n: suffix_env[n])
 
     placeholders = [n for n in nodes if n.op == "placeholder"]
-    trivial = len(boundary) == 1 and boundary[0] is placeholders[0] and not any(
-        kind[n] == PER_EXAMPLE for n in nodes if n.op not in ("placeholder", "output"))
-    return SampleSplit(fx.GraphModule(traced, prefix_graph, class_name="SampleIndependentPrefix"),
-                       fx.GraphModule(traced, suffix_graph, class_name="PerSampleSuffix"),
-                       kinds, trivial)
+    trivial = (
+        len(boundary) == 1
+        and boundary[0] is placeholders[0]
+        and not any(kind[n] == PER_EXAMPLE for n in nodes if n.op not in ("placeholder", "output"))
+    )
+    return SampleSplit(
+        fx.GraphModule(traced, prefix_graph, class_name="SampleIndependentPrefix"),
+        fx.GraphModule(traced, suffix_graph, class_name="PerSampleSuffix"),
+        kinds,
+        trivial,
+    )
 
 
 def _input_nodes(arguments: Any) -> list[fx.Node]:
@@ -264,22 +305,34 @@ def _input_nodes(arguments: Any) -> list[fx.Node]:
 # ----------------------------------------------------------------- cache
 _SCALARS = (int, float, bool, str, type(None))
 # model -> (fingerprint, split or the TracingError raised)
-_SPLITS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, SampleSplit | TracingError]] = \
-    weakref.WeakKeyDictionary()
+_SPLITS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, SampleSplit | TracingError]] = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(model: nn.Module) -> tuple:
     """What a cached trace depends on: the module tree, the modes, the scalar attributes
     (torch.fx bakes the ones ``forward`` reads into the graph) and the hooks."""
-    parts: list[Any] = [len(torch.nn.modules.module._global_forward_hooks),
-                        len(torch.nn.modules.module._global_forward_pre_hooks)]
+    parts: list[Any] = [
+        len(torch.nn.modules.module._global_forward_hooks),
+        len(torch.nn.modules.module._global_forward_pre_hooks),
+    ]
     for name, module in model.named_modules():
         state = module.__dict__
-        scalars = tuple((key, value) for key, value in state.items()
-                        if isinstance(value, _SCALARS) or (isinstance(value, tuple) and all(
-                            isinstance(v, _SCALARS) for v in value)))
-        parts.append((name, id(module), type(module), state.get("forward"), scalars,
-                      tuple(module._forward_hooks), tuple(module._forward_pre_hooks)))
+        scalars = tuple(
+            (key, value)
+            for key, value in state.items()
+            if isinstance(value, _SCALARS) or (isinstance(value, tuple) and all(isinstance(v, _SCALARS) for v in value))
+        )
+        parts.append(
+            (
+                name,
+                id(module),
+                type(module),
+                state.get("forward"),
+                scalars,
+                tuple(module._forward_hooks),
+                tuple(module._forward_pre_hooks),
+            )
+        )
     return tuple(parts)
 
 
@@ -311,10 +364,11 @@ def cached_split(model: nn.Module) -> SampleSplit:
 
 def _check_hooks(model: nn.Module, traced: fx.GraphModule) -> None:
     leaves = [str(n.target) for n in traced.graph.nodes if n.op == "call_module"]
-    global_hooks = (torch.nn.modules.module._global_forward_hooks
-                    or torch.nn.modules.module._global_forward_pre_hooks)
+    global_hooks = torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks
     for name, module in model.named_modules():
         inside_leaf = any(name == leaf or name.startswith(leaf + ".") for leaf in leaves)
         if not inside_leaf and (module._forward_hooks or module._forward_pre_hooks or global_hooks):
-            raise TracingError(f"{type(model).__name__}: module {name or '(the model)'!r} has forward "
-                               "hooks, which a traced graph would not call")
+            raise TracingError(
+                f"{type(model).__name__}: module {name or '(the model)'!r} has forward "
+                "hooks, which a traced graph would not call"
+            )

@@ -38,7 +38,7 @@ import operator
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -48,14 +48,20 @@ from torch import Tensor, fx, nn
 from torchbayes.layers.base import ReferenceLayer
 from torchbayes.nn import noise
 from torchbayes.nn.base import BayesianModule, BayesianWeightLayer
+from torchbayes.nn.conv import _torch_output_padding
 from torchbayes.prediction.graph import TracingError, _fingerprint, trace
 
-__all__ = ["QUADRATURE_NODES", "Moments", "UnsupportedOperationError", "moment_samples", "propagate_moments",
-           "register_moment_rule"]
+__all__ = [
+    "QUADRATURE_NODES",
+    "Moments",
+    "UnsupportedOperationError",
+    "moment_samples",
+    "propagate_moments",
+    "register_moment_rule",
+]
 
 #: Gauss-Hermite nodes used for the smooth nonlinearities (GELU, SiLU, sigmoid, tanh, softplus).
 QUADRATURE_NODES = 32
-
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,9 @@ def register_moment_rule(*targets: type[nn.Module] | Callable[..., Any] | str) -
         raise ValueError("register_moment_rule needs at least one module type, function or method name")
     for target in targets:
         if not (isinstance(target, (type, str)) or callable(target)):
-            raise TypeError(f"register_moment_rule: targets must be nn.Module types, functions or method "
-                            f"names, got {target!r}")
+            raise TypeError(
+                f"register_moment_rule: targets must be nn.Module types, functions or method names, got {target!r}"
+            )
         if isinstance(target, type) and not issubclass(target, nn.Module):
             raise TypeError(f"register_moment_rule: {target.__name__} is not an nn.Module subclass")
 
@@ -191,7 +198,8 @@ def _describe(target: Any) -> str:
 def _unsupported(what: str) -> UnsupportedOperationError:
     return UnsupportedOperationError(
         f"method='moments' has no moment rule for {what}; predict with method='mc' instead, or "
-        "register a rule with torchbayes.prediction.moments.register_moment_rule")
+        "register a rule with torchbayes.prediction.moments.register_moment_rule"
+    )
 
 
 class _MomentInterpreter(fx.Interpreter):
@@ -233,10 +241,15 @@ _GRAPHS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple, fx.GraphModule
 
 
 def _traced(model: nn.Module) -> fx.GraphModule:
-    if (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
-            or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())):
-        raise UnsupportedOperationError("method='moments' cannot run the model's forward hooks (it replaces each "
-                                        "module's forward by its moment rule); remove them or predict with method='mc'")
+    if (
+        nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+        or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    ):
+        raise UnsupportedOperationError(
+            "method='moments' cannot run the model's forward hooks (it replaces each "
+            "module's forward by its moment rule); remove them or predict with method='mc'"
+        )
     leaves = tuple(t for t in _RULES if isinstance(t, type))
     fingerprint = _fingerprint(model)
     entry = _GRAPHS.get(model)
@@ -244,8 +257,9 @@ def _traced(model: nn.Module) -> fx.GraphModule:
         try:
             entry = _GRAPHS[model] = (fingerprint, leaves, trace(model, leaves))
         except TracingError as error:
-            raise UnsupportedOperationError(f"method='moments' needs a forward that torch.fx can trace; predict "
-                                            f"with method='mc' instead ({error})") from error
+            raise UnsupportedOperationError(
+                f"method='moments' needs a forward that torch.fx can trace; predict with method='mc' instead ({error})"
+            ) from error
     return entry[2]
 
 
@@ -293,8 +307,15 @@ def propagate_moments(model: nn.Module, x: Tensor) -> Moments:
     return out
 
 
-def moment_samples(model: nn.Module, x: Tensor, num_samples: int, *, task: str,
-                   output_variance: str | None = None, seed: int | torch.Generator | None = None) -> Tensor:
+def moment_samples(
+    model: nn.Module,
+    x: Tensor,
+    num_samples: int,
+    *,
+    task: str,
+    output_variance: str | None = None,
+    seed: int | torch.Generator | None = None,
+) -> Tensor:
     """Outputs ``(S, B, ...)`` that :func:`~torchbayes.prediction.summarize` turns into the result.
 
     * classification: ``num_samples`` logit vectors drawn from the propagated Gaussian
@@ -335,8 +356,10 @@ def _expected_output_variance(out: Moments, output_variance: str | None) -> Mome
         return out
     width = out.mean.shape[-1] if out.mean.dim() > 1 else 0
     if width % 2 or width == 0:
-        raise ValueError(f"output_variance={output_variance!r} needs an even last output dimension "
-                         f"(D means then D {output_variance}s); got output {tuple(out.mean.shape)}")
+        raise ValueError(
+            f"output_variance={output_variance!r} needs an even last output dimension "
+            f"(D means then D {output_variance}s); got output {tuple(out.mean.shape)}"
+        )
     means, second = out.mean.split(width // 2, dim=-1)
     mean_variance, second_variance = out.variance_or_zeros().split(width // 2, dim=-1)
     # E[exp(l)] = exp(m + v/2) for a Gaussian l; the expected variance has no variance of its own.
@@ -348,9 +371,16 @@ def _expected_output_variance(out: Moments, output_variance: str | None) -> Mome
 Op = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
-def _linear_map(op: Op, x: Moments, weight: Tensor, bias: Tensor | None,
-                weight_variance: Tensor | None = None, bias_variance: Tensor | None = None,
-                channels: tuple[int, int] | None = None, weight_square: Tensor | None = None) -> Moments:
+def _linear_map(
+    op: Op,
+    x: Moments,
+    weight: Tensor,
+    bias: Tensor | None,
+    weight_variance: Tensor | None = None,
+    bias_variance: Tensor | None = None,
+    channels: tuple[int, int] | None = None,
+    weight_square: Tensor | None = None,
+) -> Moments:
     """Moments of ``op(x, W, b)`` for ``op`` linear in ``x`` and in ``W``, with independent
     ``x`` and Gaussian ``W``, ``b``: exact. ``Var = op(m^2 + v, var_W) + var_b + op(v, mean_W^2)``.
 
@@ -368,8 +398,10 @@ def _linear_map(op: Op, x: Moments, weight: Tensor, bias: Tensor | None,
         return Moments(mean, op(x.variance, weight_square, None))
     second = x.mean.square().add_(x.variance)
     if channels is not None:
-        inputs, weights = torch.cat([second, x.variance], channels[0]), torch.cat([weight_variance, weight_square],
-                                                                                   channels[1])
+        inputs, weights = (
+            torch.cat([second, x.variance], channels[0]),
+            torch.cat([weight_variance, weight_square], channels[1]),
+        )
         return Moments(mean, op(inputs, weights, bias_variance))
     variance = op(second, weight_variance, bias_variance)
     return Moments(mean, variance.add_(op(x.variance, weight_square, None)))
@@ -395,15 +427,17 @@ def _weight_op(module: nn.Module, x: Tensor, output_size: list[int] | None = Non
     if not getattr(module, "transposed", False):
         return module._op if isinstance(module, BayesianWeightLayer) else module._conv_forward  # type: ignore[return-value]
     d = len(module.kernel_size)  # type: ignore[arg-type]
-    # torch's own rule for turning output_size into output_padding.
-    output_padding = nn.modules.conv._ConvTransposeNd._output_padding(
-        module, x, output_size, module.stride, module.padding, module.kernel_size,  # type: ignore[arg-type]
-        d, module.dilation)  # type: ignore[arg-type]
+    output_padding = _torch_output_padding(
+        module, x, output_size, module.stride, module.padding, module.kernel_size, d, module.dilation
+    )
     transpose = _CONV_TRANSPOSE[d]
 
+    stride, padding, groups, dilation = (
+        cast(Any, getattr(module, n)) for n in ("stride", "padding", "groups", "dilation")
+    )
+
     def op(inp: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return transpose(inp, weight, bias, module.stride, module.padding, output_padding,  # type: ignore[arg-type]
-                         module.groups, module.dilation)  # type: ignore[arg-type]
+        return transpose(inp, weight, bias, stride, padding, output_padding, groups, dilation)
 
     return op
 
@@ -411,8 +445,9 @@ def _weight_op(module: nn.Module, x: Tensor, output_size: list[int] | None = Non
 # module -> (the parameters' identities and versions, their variance tensors): a layer's
 # weight variances (and squared means) cost as much as its whole pass for small batches,
 # so they are kept while the parameters are unchanged (in-place updates bump _version).
-_WEIGHT_MOMENTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[Tensor, Tensor | None, Tensor]]] = \
+_WEIGHT_MOMENTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[Tensor, Tensor | None, Tensor]]] = (
     weakref.WeakKeyDictionary()
+)
 
 
 def _weight_moments(module: BayesianWeightLayer) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -422,8 +457,10 @@ def _weight_moments(module: BayesianWeightLayer) -> tuple[Tensor, Tensor | None,
     entry = _WEIGHT_MOMENTS.get(module)
     if entry is None or entry[0] != key:
         bias_variance = module.posterior_sigma("bias").square() if module.bias_mu is not None else None
-        entry = _WEIGHT_MOMENTS[module] = (key, (module.posterior_sigma("weight").square(), bias_variance,
-                                                 module.weight_mu.square()))
+        entry = _WEIGHT_MOMENTS[module] = (
+            key,
+            (module.posterior_sigma("weight").square(), bias_variance, module.weight_mu.square()),
+        )
     return entry[1]
 
 
@@ -434,8 +471,16 @@ def _bayesian_weight_layer(module: BayesianWeightLayer, x: Moments, output_size:
     if module.deterministic:  # posterior-mean mode
         return _linear_map(op, x, module.weight_mu, module.bias_mu)
     weight_variance, bias_variance, weight_square = _weight_moments(module)
-    return _linear_map(op, x, module.weight_mu, module.bias_mu, weight_variance, bias_variance,
-                       _channel_dims(module, x.mean), weight_square)
+    return _linear_map(
+        op,
+        x,
+        module.weight_mu,
+        module.bias_mu,
+        weight_variance,
+        bias_variance,
+        _channel_dims(module, x.mean),
+        weight_square,
+    )
 
 
 @register_moment_rule(ReferenceLayer)
@@ -452,8 +497,10 @@ def _deterministic_weight_layer(module: nn.Module, x: Moments, output_size: list
 @register_moment_rule(nn.modules.batchnorm._BatchNorm)
 def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: Moments) -> Moments:
     if module.training or module.running_var is None:
-        raise _unsupported(f"{type(module).__name__} without running statistics (it normalises with "
-                           "the batch's own statistics, so examples are not independent)")
+        raise _unsupported(
+            f"{type(module).__name__} without running statistics (it normalises with "
+            "the batch's own statistics, so examples are not independent)"
+        )
     mean = module(x.mean)
     if x.variance is None:
         return Moments(mean)
@@ -469,8 +516,9 @@ def _both(fn: Callable[[Tensor], Tensor], x: Moments) -> Moments:
     return Moments(fn(x.mean), None if x.variance is None else fn(x.variance))
 
 
-@register_moment_rule(nn.Flatten, nn.Unflatten, nn.Identity, nn.PixelShuffle, nn.PixelUnshuffle,
-                      nn.modules.dropout._DropoutNd)
+@register_moment_rule(
+    nn.Flatten, nn.Unflatten, nn.Identity, nn.PixelShuffle, nn.PixelUnshuffle, nn.modules.dropout._DropoutNd
+)
 def _rearrangement_module(module: nn.Module, x: Moments) -> Moments:
     # Dropout modules are the identity in eval mode (propagate_moments switches it on).
     return _both(module, x)
@@ -481,14 +529,39 @@ def _rearrangement(fn: Callable[..., Tensor]) -> MomentRule:
         if not isinstance(x, Moments) or _has_moments((args, kwargs)):
             raise _unsupported(f"{_describe(fn)} with random arguments other than its input")
         return _both(lambda t: fn(t, *args, **kwargs), x)
+
     return rule
 
 
-for _name in ("view", "reshape", "flatten", "unflatten", "permute", "transpose", "squeeze", "unsqueeze",
-              "contiguous", "t", "expand", "repeat", "movedim", "narrow", "clone"):
+for _name in (
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "permute",
+    "transpose",
+    "squeeze",
+    "unsqueeze",
+    "contiguous",
+    "t",
+    "expand",
+    "repeat",
+    "movedim",
+    "narrow",
+    "clone",
+):
     register_moment_rule(_name)(_rearrangement(lambda t, *a, _m=_name, **k: getattr(t, _m)(*a, **k)))
-for _fn in (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
-            torch.movedim, torch.narrow, torch.clone):
+for _fn in (
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.movedim,
+    torch.narrow,
+    torch.clone,
+):
     register_moment_rule(_fn)(_rearrangement(_fn))
 
 
@@ -585,6 +658,7 @@ def _joining(join: Callable[..., Tensor]) -> MomentRule:
         if all(p.variance is None for p in parts):
             return Moments(mean)
         return Moments(mean, join([p.variance_or_zeros() for p in parts], dim))
+
     return rule
 
 
@@ -593,8 +667,9 @@ register_moment_rule(torch.stack)(_joining(torch.stack))
 
 
 @register_moment_rule(torch.mean, "mean")
-def _mean(x: Moments, dim: int | Sequence[int] | None = None, keepdim: bool = False, *,
-          dtype: torch.dtype | None = None) -> Moments:
+def _mean(
+    x: Moments, dim: int | Sequence[int] | None = None, keepdim: bool = False, *, dtype: torch.dtype | None = None
+) -> Moments:
     """Mean over ``dim`` of independent values: ``Var = sum(v) / n^2``."""
     dims = tuple(range(x.mean.dim())) if dim is None else (dim,) if isinstance(dim, int) else tuple(dim)
     mean = x.mean.mean(dims, keepdim=keepdim, dtype=dtype)
@@ -609,8 +684,16 @@ def _mean(x: Moments, dim: int | Sequence[int] | None = None, keepdim: bool = Fa
 def _avg_pool_module(module: nn.Module, x: Moments) -> Moments:
     if isinstance(module, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
         d = int(type(module).__name__[-2])
-        return _avg_pool(x, d, module.kernel_size, module.stride, module.padding, module.ceil_mode,
-                         module.count_include_pad, getattr(module, "divisor_override", None))
+        return _avg_pool(
+            x,
+            d,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.ceil_mode,
+            module.count_include_pad,
+            getattr(module, "divisor_override", None),
+        )
     d = int(type(module).__name__[-2])  # AdaptiveAvgPool{1,2,3}d
     return _adaptive_avg_pool(x, d, module.output_size)
 
@@ -619,15 +702,31 @@ def _tuple(value: Any, d: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * d
 
 
-def _avg_pool(x: Moments, d: int, kernel_size: Any, stride: Any, padding: Any, ceil_mode: bool,
-              count_include_pad: bool, divisor_override: int | None) -> Moments:
+def _avg_pool(
+    x: Moments,
+    d: int,
+    kernel_size: Any,
+    stride: Any,
+    padding: Any,
+    ceil_mode: bool,
+    count_include_pad: bool,
+    divisor_override: int | None,
+) -> Moments:
     """Average pooling; each output is ``sum(window) / n`` with ``n`` set by torch's
     padding and divisor rules, so ``Var = sum(window of v) / n^2 = avg_pool(v) / n``."""
     kernel, pad = _tuple(kernel_size, d), _tuple(padding, d)
     step = _tuple(stride if stride else kernel_size, d)
     if d == 1:  # avg_pool1d has no divisor_override: pool 1-d as 2-d with a unit height
-        lifted = _avg_pool(_both(lambda t: t.unsqueeze(-2), x), 2, (1, *kernel), (1, *step), (0, *pad),
-                           ceil_mode, count_include_pad, divisor_override)
+        lifted = _avg_pool(
+            _both(lambda t: t.unsqueeze(-2), x),
+            2,
+            (1, *kernel),
+            (1, *step),
+            (0, *pad),
+            ceil_mode,
+            count_include_pad,
+            divisor_override,
+        )
         return _both(lambda t: t.squeeze(-2), lifted)
     pool = F.avg_pool2d if d == 2 else F.avg_pool3d
 
@@ -652,15 +751,22 @@ def _adaptive_avg_pool(x: Moments, d: int, output_size: Any) -> Moments:
     for length, out in zip(x.mean.shape[-d:], mean.shape[-d:]):
         i = torch.arange(out, device=x.mean.device)
         sizes = torch.div((i + 1) * length + out - 1, out, rounding_mode="floor") - torch.div(
-            i * length, out, rounding_mode="floor")
+            i * length, out, rounding_mode="floor"
+        )
         inverse_size = inverse_size.unsqueeze(-1) * sizes.to(x.mean.dtype).reciprocal()
     return Moments(mean, pool(x.variance, output_size) * inverse_size)
 
 
 @register_moment_rule(F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
-def _avg_pool_function(x: Moments, kernel_size: Any, stride: Any = None, padding: Any = 0,
-                       ceil_mode: bool = False, count_include_pad: bool = True,
-                       divisor_override: int | None = None) -> Moments:
+def _avg_pool_function(
+    x: Moments,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> Moments:
     d = x.mean.dim() - 2 if x.mean.dim() > 2 else 1
     return _avg_pool(x, d, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
@@ -679,8 +785,9 @@ def _max_pool_module(module: nn.modules.pooling._MaxPoolNd, x: Moments) -> Momen
     return _max_pool(x, d, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode)
 
 
-def _max_pool(x: Moments, d: int, kernel_size: Any, stride: Any, padding: Any, dilation: Any,
-              ceil_mode: bool) -> Moments:
+def _max_pool(
+    x: Moments, d: int, kernel_size: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool
+) -> Moments:
     """Max pooling by Clark's moment matching (an approximation): the maximum over a box is
     taken one axis at a time, folding Clark's pairwise maximum over each window's elements."""
     kernel, pad, dil = _tuple(kernel_size, d), _tuple(padding, d), _tuple(dilation, d)
@@ -690,13 +797,15 @@ def _max_pool(x: Moments, d: int, kernel_size: Any, stride: Any, padding: Any, d
         return Moments(pool(x.mean, kernel, step, pad, dil, ceil_mode))
     mean, variance = x.mean, x.variance
     for axis in range(d):
-        mean, variance = _max_pool_axis(mean, variance, mean.dim() - d + axis, kernel[axis], step[axis],
-                                        pad[axis], dil[axis], ceil_mode)
+        mean, variance = _max_pool_axis(
+            mean, variance, mean.dim() - d + axis, kernel[axis], step[axis], pad[axis], dil[axis], ceil_mode
+        )
     return Moments(mean, variance)
 
 
-def _max_pool_axis(mean: Tensor, variance: Tensor, dim: int, kernel: int, stride: int, padding: int,
-                   dilation: int, ceil_mode: bool) -> tuple[Tensor, Tensor]:
+def _max_pool_axis(
+    mean: Tensor, variance: Tensor, dim: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool
+) -> tuple[Tensor, Tensor]:
     """Clark's maximum over the windows along one dimension, with torch's padding rules:
     padded positions never win (their results are overwritten by the running maximum)."""
     length = mean.shape[dim]
@@ -719,9 +828,11 @@ def _max_pool_axis(mean: Tensor, variance: Tensor, dim: int, kernel: int, stride
     best_mean, best_variance = element(mean, 0), element(variance, 0)
     for j in range(1, kernel):
         new_mean, new_variance = _clark_max(best_mean, best_variance, element(mean, j), element(variance, j))
-        fixes = ((0, first_valid(j), best_mean, best_variance),                       # element j is padding
-                 (first_valid(j), first_valid(j - 1), element(mean, j), element(variance, j)),  # all before were
-                 (first_right_pad(j), out, best_mean, best_variance))                 # element j is padding
+        fixes = (
+            (0, first_valid(j), best_mean, best_variance),  # element j is padding
+            (first_valid(j), first_valid(j - 1), element(mean, j), element(variance, j)),  # all before were
+            (first_right_pad(j), out, best_mean, best_variance),
+        )  # element j is padding
         for begin, end, source_mean, source_variance in fixes:
             if end > begin:
                 new_mean.narrow(dim, begin, end - begin).copy_(source_mean.narrow(dim, begin, end - begin))
@@ -740,8 +851,15 @@ def _pooled_length(length: int, span: int, stride: int, padding: int, ceil_mode:
 
 
 @register_moment_rule(F.max_pool1d, F.max_pool2d, F.max_pool3d)
-def _max_pool_function(x: Moments, kernel_size: Any, stride: Any = None, padding: Any = 0, dilation: Any = 1,
-                       ceil_mode: bool = False, return_indices: bool = False) -> Moments:
+def _max_pool_function(
+    x: Moments,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    dilation: Any = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> Moments:
     if return_indices:
         raise _unsupported("max pooling with return_indices=True")
     d = x.mean.dim() - 2 if x.mean.dim() > 2 else 1
@@ -830,8 +948,8 @@ def _quadrature(fn: Callable[[Tensor], Tensor], x: Moments) -> Moments:
     nodes, weights = _NODES_CACHE[key]
     std = x.variance.sqrt()
     center = fn(x.mean)
-    shift = torch.zeros_like(center)    # E[f - f(m)]
-    second = torch.zeros_like(center)   # E[(f - f(m))^2]
+    shift = torch.zeros_like(center)  # E[f - f(m)]
+    second = torch.zeros_like(center)  # E[(f - f(m))^2]
     for node, weight in zip(nodes, weights):
         delta = fn(torch.add(x.mean, std, alpha=node)).sub_(center)
         shift.add_(delta, alpha=weight)

@@ -76,8 +76,9 @@ class RegressionPrediction(Prediction):
     epistemic_variance: Tensor
 
 
-def summarize(samples: Tensor, *, task: str, outputs: str = "logits",
-              output_variance: str | None = None) -> ClassificationPrediction | RegressionPrediction:
+def summarize(
+    samples: Tensor, *, task: str, outputs: str = "logits", output_variance: str | None = None
+) -> ClassificationPrediction | RegressionPrediction:
     """Summarise per-sample outputs ``(S, B, ...)`` into a prediction result.
 
     Args:
@@ -106,9 +107,15 @@ def _classification_result(samples: Tensor, outputs: str) -> ClassificationPredi
     confidence, predicted = mean.max(-1)
     predictive, expected, mutual = uncertainty.entropy_decomposition(probs, mean)
     return ClassificationPrediction(
-        samples=samples, mean=mean, probabilities=probs, predictive_entropy=predictive,
-        expected_entropy=expected, mutual_information=mutual,
-        predicted_class=predicted, confidence=confidence)
+        samples=samples,
+        mean=mean,
+        probabilities=probs,
+        predictive_entropy=predictive,
+        expected_entropy=expected,
+        mutual_information=mutual,
+        predicted_class=predicted,
+        confidence=confidence,
+    )
 
 
 def _regression_result(samples: Tensor, output_variance: str | None) -> RegressionPrediction:
@@ -117,11 +124,19 @@ def _regression_result(samples: Tensor, output_variance: str | None) -> Regressi
     else:
         width = samples.shape[-1] if samples.dim() > 2 else 0
         if width % 2 or width == 0:
-            raise ValueError(f"output_variance={output_variance!r} needs an even last output dimension "
-                             f"(D means then D {output_variance}s); got samples {tuple(samples.shape)}")
+            raise ValueError(
+                f"output_variance={output_variance!r} needs an even last output dimension "
+                f"(D means then D {output_variance}s); got samples {tuple(samples.shape)}"
+            )
         means, second = samples.split(width // 2, dim=-1)
         variances = second.exp() if output_variance == "log_variance" else second
     total, aleatoric, epistemic = uncertainty.variance_decomposition(means, variances)
-    return RegressionPrediction(samples=samples, mean=means.mean(0), sample_means=means,
-                                sample_variances=variances, variance=total,
-                                aleatoric_variance=aleatoric, epistemic_variance=epistemic)
+    return RegressionPrediction(
+        samples=samples,
+        mean=means.mean(0),
+        sample_means=means,
+        sample_variances=variances,
+        variance=total,
+        aleatoric_variance=aleatoric,
+        epistemic_variance=epistemic,
+    )

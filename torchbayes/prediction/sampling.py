@@ -37,8 +37,9 @@ def default_chunk_size(modules: list[nn.Module], num_samples: int, batch_size: i
     # A module may state the rows per pass it runs fastest at (preferred_rows_per_pass);
     # the smallest preference wins, as the tightest layer bounds the pass.
     # No Bayesian modules (MC dropout on a plain network): fully connected default.
-    rows = min((getattr(m, "preferred_rows_per_pass", None) or _default_rows(m) for m in modules),
-               default=_ROWS_PER_PASS)
+    rows = min(
+        (getattr(m, "preferred_rows_per_pass", None) or _default_rows(m) for m in modules), default=_ROWS_PER_PASS
+    )
     return max(1, min(num_samples, rows // batch_size))
 
 
@@ -47,9 +48,15 @@ def _default_rows(module: nn.Module) -> int:
     return _ROWS_PER_PASS_CONV if is_conv else _ROWS_PER_PASS
 
 
-def draw_samples(model: nn.Module, x: Tensor, num_samples: int, chunk_size: int,
-                  seed: int | torch.Generator | None, shared_weights: bool,
-                  active: Sequence[nn.Module] = ()) -> Tensor:
+def draw_samples(
+    model: nn.Module,
+    x: Tensor,
+    num_samples: int,
+    chunk_size: int,
+    seed: int | torch.Generator | None,
+    shared_weights: bool,
+    active: Sequence[nn.Module] = (),
+) -> Tensor:
     """The model's outputs for ``num_samples`` posterior draws, ``(S, B, ...)``.
 
     ``active`` modules (MC dropout's dropout layers) stay in training mode while the rest
@@ -73,19 +80,22 @@ def draw_samples(model: nn.Module, x: Tensor, num_samples: int, chunk_size: int,
             model.eval()
         for m in active:
             m.training = True
-        with torch.no_grad(), (noise.noise_generator(seed) if seed is not None else contextlib.nullcontext()):
+        with torch.no_grad(), noise.noise_generator(seed) if seed is not None else contextlib.nullcontext():
             passes = _plan_passes(model, x, sizes[0])
             for size in sizes:
                 inputs = passes.inputs(size, cache)
-                with sample_groups(size, shared_weights=shared_weights, shared_input=passes.shared(inputs),
-                                   cache=cache):
+                with sample_groups(
+                    size, shared_weights=shared_weights, shared_input=passes.shared(inputs), cache=cache
+                ):
                     out = passes.run(inputs)
                 if isinstance(out, tuple):  # Bayesian-Torch style (out, kl)
                     out = out[0]
                 if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != size * batch:
                     shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                    raise RuntimeError(f"model output must be a tensor with the batch in dim 0 "
-                                       f"({size * batch} rows in this pass), got {shape}")
+                    raise RuntimeError(
+                        f"model output must be a tensor with the batch in dim 0 "
+                        f"({size * batch} rows in this pass), got {shape}"
+                    )
                 chunks.append(out.reshape(size, batch, *out.shape[1:]))
     finally:
         for m in active:
@@ -97,8 +107,7 @@ def draw_samples(model: nn.Module, x: Tensor, num_samples: int, chunk_size: int,
 
 def _tile(value: Tensor, num_groups: int) -> Tensor:
     """``num_groups`` copies of ``value`` stacked along dim 0 (a stride-0 view for one row)."""
-    return value.unsqueeze(0).expand(num_groups, *value.shape).reshape(num_groups * value.shape[0],
-                                                                      *value.shape[1:])
+    return value.unsqueeze(0).expand(num_groups, *value.shape).reshape(num_groups * value.shape[0], *value.shape[1:])
 
 
 class _WholeModel:
@@ -128,8 +137,9 @@ class _PrefixOnce:
 
     def _set(self, values: tuple) -> None:
         self.values = values
-        self.tiled = [_tile(v, self.largest) if kind == "tile" else v
-                      for v, kind in zip(values, self.split.boundary_kinds)]
+        self.tiled = [
+            _tile(v, self.largest) if kind == "tile" else v for v, kind in zip(values, self.split.boundary_kinds)
+        ]
         self.versions = self._versions()
 
     def _versions(self) -> list[int]:
@@ -142,10 +152,14 @@ class _PrefixOnce:
             cache.clear()
             self._set(self.split.prefix(self.x))
         rows = size * self.batch
-        return [v[:rows] if kind == "tile" else
-                torch.empty((size * v.shape[0], *v.shape[1:]), dtype=v.dtype, device="meta")
-                if kind == "shape" else v
-                for v, kind in zip(self.tiled, self.split.boundary_kinds)]
+        return [
+            v[:rows]
+            if kind == "tile"
+            else torch.empty((size * v.shape[0], *v.shape[1:]), dtype=v.dtype, device="meta")
+            if kind == "shape"
+            else v
+            for v, kind in zip(self.tiled, self.split.boundary_kinds)
+        ]
 
     def shared(self, inputs: list[Any]) -> list[Tensor]:
         return [v for v, kind in zip(inputs, self.split.boundary_kinds) if kind == "tile"]
@@ -187,7 +201,13 @@ def _rows_follow_the_batch(split: SampleSplit, x: Tensor, values: tuple) -> bool
     for full, small, kind in zip(values, probe, split.boundary_kinds):
         if kind == "constant":
             continue
-        if not (isinstance(full, Tensor) and isinstance(small, Tensor) and full.dim() >= 1
-                and full.shape[0] == batch and small.shape[0] == probe_rows and full.shape[1:] == small.shape[1:]):
+        if not (
+            isinstance(full, Tensor)
+            and isinstance(small, Tensor)
+            and full.dim() >= 1
+            and full.shape[0] == batch
+            and small.shape[0] == probe_rows
+            and full.shape[1:] == small.shape[1:]
+        ):
             return False
     return True

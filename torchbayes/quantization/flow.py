@@ -57,13 +57,44 @@ _CALIBRATION_BATCH = 256
 # a channels-last layout on), and those that end it: Flatten(1, -1) reshapes, which copies a
 # channels-last tensor into the logical order, so nothing after it can tell the difference.
 _LAYOUT_AGNOSTIC: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, _QuantizedBayesConvNd,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    _QuantizedBayesConvNd,
 )
 
 
@@ -83,21 +114,24 @@ def _check_inference_model(model: nn.Module, dtype: Any) -> None:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
-        raise ValueError(f"model is in training mode ({training[0]!r} has training=True): "
-                         "quantize a trained model for inference; call model.eval() first")
+        raise ValueError(
+            f"model is in training mode ({training[0]!r} has training=True): "
+            "quantize a trained model for inference; call model.eval() first"
+        )
 
 
 def _check_model(model: nn.Module, dtype: Any) -> None:
     _check_inference_model(model, dtype)
     bayesian = [m for _, m in iter_bayesian_modules(model)]
     if not bayesian:
-        raise ValueError("model has no torchbayes Bayesian layers to quantize; convert it first "
-                         "(torchbayes.dnn_to_bnn) or quantize it with torchao")
+        raise ValueError(
+            "model has no torchbayes Bayesian layers to quantize; convert it first "
+            "(torchbayes.dnn_to_bnn) or quantize it with torchao"
+        )
     if not any(_twin(m) is not None for m in bayesian):
         kinds = sorted({type(m).__name__ for m in bayesian})
         supported = ", ".join(cls.__name__ for cls in QUANTIZED_TWINS)
-        raise ValueError(f"model has no Bayesian layer that can be quantized (found {kinds}; "
-                         f"supported: {supported})")
+        raise ValueError(f"model has no Bayesian layer that can be quantized (found {kinds}; supported: {supported})")
 
 
 def _swap_layers(model: nn.Module) -> None:
@@ -122,9 +156,13 @@ def _fuse_relus(model: nn.Module) -> None:
         names = list(parent._modules)
         for first, second in itertools.pairwise(names):
             layer, follower = parent._modules[first], parent._modules[second]
-            if (isinstance(layer, QuantizedBayesianModule) and not layer.fused_relu
-                    and type(follower) is nn.ReLU and not follower._forward_hooks
-                    and not follower._forward_pre_hooks):
+            if (
+                isinstance(layer, QuantizedBayesianModule)
+                and not layer.fused_relu
+                and type(follower) is nn.ReLU
+                and not follower._forward_hooks
+                and not follower._forward_pre_hooks
+            ):
                 layer.fused_relu = True
                 parent._modules[second] = nn.Identity().train(follower.training)
 
@@ -155,7 +193,7 @@ def _allow_channels_last_outputs(model: nn.Module) -> None:
         for i, child in enumerate(children):
             if isinstance(child, _QuantizedBayesConvNd):
                 # A layer used in several places must be safe in all of them.
-                safe = isinstance(parent, nn.Sequential) and _flattened_before_leaving(children[i + 1:])
+                safe = isinstance(parent, nn.Sequential) and _flattened_before_leaving(children[i + 1 :])
                 verdicts[id(child)] = verdicts.get(id(child), True) and safe
                 child.channels_last_output = verdicts[id(child)]
 
@@ -227,12 +265,21 @@ def convert(model: nn.Module, *, dtype: Any = "int8") -> nn.Module:
 def _warn_zero_width_ranges(model: nn.Module) -> None:
     """Warn when calibration gave a layer a single input value: every other input is then
     clipped to it (e.g. all-zero calibration data)."""
-    flat = [name for name, m in model.named_modules() if isinstance(m, QuantizedBayesianModule)
-            and bool(torch.isfinite(m.input_range).all()) and float(m.input_range[0]) == float(m.input_range[1])]
+    flat = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, QuantizedBayesianModule)
+        and bool(torch.isfinite(m.input_range).all())
+        and float(m.input_range[0]) == float(m.input_range[1])
+    ]
     if flat:
-        warnings.warn(f"calibration gave {len(flat)} layer(s) (first: {flat[0]!r}) a zero-width input range "
-                      "(every calibration input had one value, e.g. all zeros): other inputs will be clipped "
-                      "to it; calibrate with representative data", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"calibration gave {len(flat)} layer(s) (first: {flat[0]!r}) a zero-width input range "
+            "(every calibration input had one value, e.g. all zeros): other inputs will be clipped "
+            "to it; calibrate with representative data",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _calibration_batches(data: Any) -> Iterable[Tensor]:
@@ -243,12 +290,15 @@ def _calibration_batches(data: Any) -> Iterable[Tensor]:
     if isinstance(data, Iterable):
         # A DataLoader or list of batches; (inputs, targets) pairs contribute their inputs.
         return (batch[0] if isinstance(batch, (tuple, list)) else batch for batch in data)
-    raise TypeError("calibration_data must be a Tensor (N, ...), an iterable of batches "
-                    f"(e.g. a DataLoader) or None, got {type(data).__name__}")
+    raise TypeError(
+        "calibration_data must be a Tensor (N, ...), an iterable of batches "
+        f"(e.g. a DataLoader) or None, got {type(data).__name__}"
+    )
 
 
-def quantize(model: ModelT, calibration_data: Tensor | Iterable[Any] | None = None, *,
-             dtype: Any = "int8") -> nn.Module:
+def quantize(
+    model: ModelT, calibration_data: Tensor | Iterable[Any] | None = None, *, dtype: Any = "int8"
+) -> nn.Module:
     """Quantize a trained Bayesian model to INT8 for inference; its layers still sample.
 
     Bayesian linear layers and 1/2/3-d convolutions become INT8 layers
@@ -302,10 +352,14 @@ def quantize(model: ModelT, calibration_data: Tensor | Iterable[Any] | None = No
                 try:
                     prepared(batch)
                 except (RuntimeError, ValueError, TypeError) as error:
-                    raise ValueError(f"calibration_data does not fit the model: a batch of shape "
-                                     f"{tuple(batch.shape)} failed with: {error}") from error
+                    raise ValueError(
+                        f"calibration_data does not fit the model: a batch of shape "
+                        f"{tuple(batch.shape)} failed with: {error}"
+                    ) from error
                 seen += batch.shape[0] if batch.dim() else 1
         if not seen:  # silently falling back to dynamic ranges would hide the mistake
-            raise ValueError("calibration_data holds no inputs (an empty iterable or empty batches); "
-                             "give representative inputs, or None for dynamic activation quantization")
+            raise ValueError(
+                "calibration_data holds no inputs (an empty iterable or empty batches); "
+                "give representative inputs, or None for dynamic activation quantization"
+            )
     return convert(prepared, dtype=dtype)

@@ -47,9 +47,9 @@ _TINY = torch.finfo(torch.float32).tiny
 def onednn_available() -> bool:
     """Whether PyTorch's oneDNN INT8 kernels (x86 CPUs) can be used."""
     ops = torch.ops.onednn
-    return (torch.backends.mkldnn.is_available()
-            and all(hasattr(ops, name) for name in ("qlinear_prepack", "qlinear_pointwise",
-                                                    "qconv_prepack", "qconv_pointwise")))
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(ops, name) for name in ("qlinear_prepack", "qlinear_pointwise", "qconv_prepack", "qconv_pointwise")
+    )
 
 
 _ONEDNN = onednn_available()
@@ -84,8 +84,9 @@ def _dense_view(x: Tensor) -> Tensor:
     return view if view.is_contiguous() else x
 
 
-def quantize_activation(x: Tensor, value_range: tuple[float, float] | None = None,
-                        buffers: tuple[Tensor, ...] | None = None) -> QuantizedActivation:
+def quantize_activation(
+    x: Tensor, value_range: tuple[float, float] | None = None, buffers: tuple[Tensor, ...] | None = None
+) -> QuantizedActivation:
     """Quantize ``x`` to ``uint8`` with one scale and zero point for the whole tensor.
 
     Args:
@@ -112,15 +113,18 @@ def quantize_activation(x: Tensor, value_range: tuple[float, float] | None = Non
     scale = max((high - low) / _ACTIVATION_STEPS, _TINY)
     zero_point = round(-low / scale)
     # One fused multiply-add, then truncation (round half up, as all values are >= 0).
-    shifted = torch.add(torch.full((), zero_point + 0.5, dtype=x.dtype, device=x.device), x,
-                        alpha=1.0 / scale, out=None if buffers is None else buffers[0])
+    shifted = torch.add(
+        torch.full((), zero_point + 0.5, dtype=x.dtype, device=x.device),
+        x,
+        alpha=1.0 / scale,
+        out=None if buffers is None else buffers[0],
+    )
     if value_range is not None:  # values outside the calibrated range go to its ends
         shifted.clamp_(zero_point + round(low / scale), zero_point + round(high / scale) + 0.5)
     return QuantizedActivation(_to_uint8(shifted, buffers), scale, zero_point)
 
 
-def quantize_square(x: Tensor, abs_max: float,
-                    buffers: tuple[Tensor, ...] | None = None) -> QuantizedActivation:
+def quantize_square(x: Tensor, abs_max: float, buffers: tuple[Tensor, ...] | None = None) -> QuantizedActivation:
     """Quantize ``x * x`` to ``uint8`` (zero point 0) given ``max |x| <= abs_max``, in one pass.
 
     ``buffers``: optional ``(float, int16, uint8)`` tensors of ``x``'s shape to compute in, e.g.
@@ -206,8 +210,9 @@ class PackedLinear:
             self.packed = dequantize_per_channel(q, self.scale)
             self.onednn = False
 
-    def __call__(self, x: QuantizedActivation, bias: Tensor | None, *,
-                 accumulate: Tensor | None = None, relu: bool = False) -> Tensor:
+    def __call__(
+        self, x: QuantizedActivation, bias: Tensor | None, *, accumulate: Tensor | None = None, relu: bool = False
+    ) -> Tensor:
         """Float32 ``x W^T + b`` ``(*, N)`` for a quantized input ``(*, K)``.
 
         Args:
@@ -235,13 +240,41 @@ class PackedLinear:
             accumulate = rows.new_zeros((rows.shape[0], self.out_features), dtype=torch.float32)
         if accumulate is None:
             out = torch.ops.onednn.qlinear_pointwise(
-                rows, x.scale, x.zero_point, self.packed, self.scale, self.zero_points, bias,
-                1.0, 0, torch.float32, post_op, [], "")
+                rows,
+                x.scale,
+                x.zero_point,
+                self.packed,
+                self.scale,
+                self.zero_points,
+                bias,
+                1.0,
+                0,
+                torch.float32,
+                post_op,
+                [],
+                "",
+            )
         else:
             out = torch.ops.onednn.qlinear_pointwise.binary(
-                rows, x.scale, x.zero_point, self.packed, self.scale, self.zero_points,
-                accumulate.view(rows.shape[0], self.out_features), bias, 1.0, 0, torch.float32,
-                1.0, 0, "sum", 1.0, post_op, [], "")
+                rows,
+                x.scale,
+                x.zero_point,
+                self.packed,
+                self.scale,
+                self.zero_points,
+                accumulate.view(rows.shape[0], self.out_features),
+                bias,
+                1.0,
+                0,
+                torch.float32,
+                1.0,
+                0,
+                "sum",
+                1.0,
+                post_op,
+                [],
+                "",
+            )
         return out if data.dim() == 2 else out.view(*lead, self.out_features)
 
 
@@ -253,13 +286,19 @@ class PackedConv:
         stride, padding, dilation: one int per spatial dimension; groups: int.
     """
 
-    def __init__(self, q: Tensor, scale: Tensor, stride: Sequence[int], padding: Sequence[int],
-                 dilation: Sequence[int], groups: int) -> None:
+    def __init__(
+        self,
+        q: Tensor,
+        scale: Tensor,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+    ) -> None:
         self.scale = scale.float().contiguous()
         self.args = (list(stride), list(padding), list(dilation), int(groups))
         if _use_onednn(q):
-            self.packed: Tensor = torch.ops.onednn.qconv_prepack(q.contiguous(), self.scale, 1.0, 0,
-                                                                 *self.args, None)
+            self.packed: Tensor = torch.ops.onednn.qconv_prepack(q.contiguous(), self.scale, 1.0, 0, *self.args, None)
             self.zero_points = _zero_points(q.shape[0])
             self.onednn = True
         else:
@@ -279,5 +318,21 @@ class PackedConv:
             out = self._float_conv(x.dequantize(), self.packed, bias, stride, padding, dilation, groups)
             return out.clamp_min_(0.0) if relu else out
         return torch.ops.onednn.qconv_pointwise(
-            x.data, x.scale, x.zero_point, self.packed, self.scale, self.zero_points, bias,
-            stride, padding, dilation, groups, 1.0, 0, torch.float32, "relu" if relu else "none", [], None)
+            x.data,
+            x.scale,
+            x.zero_point,
+            self.packed,
+            self.scale,
+            self.zero_points,
+            bias,
+            stride,
+            padding,
+            dilation,
+            groups,
+            1.0,
+            0,
+            torch.float32,
+            "relu" if relu else "none",
+            [],
+            None,
+        )

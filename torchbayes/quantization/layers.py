@@ -141,8 +141,13 @@ class QuantizedBayesianModule(BayesianModule):
             return None
         key = (id(self), "int8_scratch")
         buffers = store.get(key)
-        if buffers is None or buffers[0].shape != x.shape or buffers[0].stride() != x.stride() \
-                or buffers[0].dtype != x.dtype or buffers[0].device != x.device:
+        if (
+            buffers is None
+            or buffers[0].shape != x.shape
+            or buffers[0].stride() != x.stride()
+            or buffers[0].dtype != x.dtype
+            or buffers[0].device != x.device
+        ):
             # empty_like keeps x's layout (channels-last activations stay channels-last).
             dtypes = (x.dtype, torch.int16, torch.uint8, torch.uint8)
             buffers = store[key] = tuple(torch.empty_like(x, dtype=dtype) for dtype in dtypes)
@@ -169,8 +174,10 @@ class QuantizedBayesianModule(BayesianModule):
 
     def kl_divergence(self, reduction: str = "sum") -> Tensor:
         """Not available: quantized layers are for inference; compute the KL on the float model."""
-        raise TypeError(f"{type(self).__name__} is an INT8 inference layer and has no KL term; "
-                        "compute the KL (and train) on the float model before quantizing it")
+        raise TypeError(
+            f"{type(self).__name__} is an INT8 inference layer and has no KL term; "
+            "compute the KL (and train) on the float model before quantizing it"
+        )
 
     def _store_posterior(self, name: str, mu: Tensor, second: Tensor, second_name: str) -> None:
         """Quantize a posterior mean and a second moment tensor per output channel into buffers."""
@@ -198,8 +205,10 @@ class QuantizedBayesianModule(BayesianModule):
         return torch.addcmul(mu, sigma, eps)
 
     def _dequantized(self, name: str) -> Tensor:
-        return self._cached(f"float_{name}", lambda: dequantize_per_channel(
-            getattr(self, f"{name}_int8"), getattr(self, f"{name}_scale")))
+        return self._cached(
+            f"float_{name}",
+            lambda: dequantize_per_channel(getattr(self, f"{name}_int8"), getattr(self, f"{name}_scale")),
+        )
 
 
 class QuantizedBayesLinear(QuantizedBayesianModule):
@@ -255,11 +264,11 @@ class QuantizedBayesLinear(QuantizedBayesianModule):
         return new
 
     def _packed(self, name: str) -> PackedLinear:
-        return self._cached(f"packed_{name}", lambda: PackedLinear(
-            getattr(self, f"{name}_int8"), getattr(self, f"{name}_scale")))
+        return self._cached(
+            f"packed_{name}", lambda: PackedLinear(getattr(self, f"{name}_int8"), getattr(self, f"{name}_scale"))
+        )
 
-    def _quantize_with_std(self, x: Tensor,
-                           groups: SampleGroups | None = None) -> tuple[QuantizedActivation, Tensor]:
+    def _quantize_with_std(self, x: Tensor, groups: SampleGroups | None = None) -> tuple[QuantizedActivation, Tensor]:
         """The quantized input and the output's standard deviation (the variance product).
 
         ``groups``: the prediction in progress, whose scratch buffers the quantized inputs
@@ -268,8 +277,7 @@ class QuantizedBayesLinear(QuantizedBayesianModule):
         buffers = self._scratch_buffers(x, groups)
         q = self._quantize_input(x, None if buffers is None else buffers[:3])
         abs_max = (max(q.zero_point, 255 - q.zero_point) + 0.5) * q.scale
-        bias_var = None if self.bias_sigma is None else self._cached(
-            "bias_var", lambda: self.bias_sigma.square())
+        bias_var = None if self.bias_sigma is None else self._cached("bias_var", lambda: self.bias_sigma.square())
         x2 = quantize_square(x, abs_max, None if buffers is None else (*buffers[:2], buffers[3]))
         var = self._packed("weight_var")(x2, bias_var)
         return q, var.sqrt_()  # >= 0: non-negative integers times non-negative weights
@@ -282,8 +290,9 @@ class QuantizedBayesLinear(QuantizedBayesianModule):
     def forward(self, input: Tensor) -> Tensor:
         if not isinstance(input, Tensor) or input.dim() < 1 or input.shape[-1] != self.in_features:
             shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"{type(self).__name__}: input must have shape (*, in_features="
-                             f"{self.in_features}), got {shape}")
+            raise ValueError(
+                f"{type(self).__name__}: input must have shape (*, in_features={self.in_features}), got {shape}"
+            )
         if self.deterministic:
             return self._packed("weight_mu")(self._quantize_input(input), self.bias_mu, relu=self.fused_relu)
         groups = active_sample_groups()
@@ -329,21 +338,37 @@ class QuantizedBayesLinear(QuantizedBayesianModule):
         xq = self._quantize_input(x[:n] if shared else x)
         blocks = [xq.data] * g if shared else xq.data.split(n)
         c = self.out_features
-        return torch.cat([
-            PackedLinear(q[i * c:(i + 1) * c], scale[i * c:(i + 1) * c])(
-                QuantizedActivation(block, xq.scale, xq.zero_point), None if bias is None else bias[i],
-                relu=self.fused_relu)
-            for i, block in enumerate(blocks)])
+        return torch.cat(
+            [
+                PackedLinear(q[i * c : (i + 1) * c], scale[i * c : (i + 1) * c])(
+                    QuantizedActivation(block, xq.scale, xq.zero_point),
+                    None if bias is None else bias[i],
+                    relu=self.fused_relu,
+                )
+                for i, block in enumerate(blocks)
+            ]
+        )
 
     def extra_repr(self) -> str:
         relu = ", fused_relu=True" if self.fused_relu else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias_mu is not None}{relu}, {super().extra_repr()}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias_mu is not None}{relu}, {super().extra_repr()}"
+        )
 
 
 # Hyperparameters copied from the float convolution (torch's names and meanings).
-_CONV_HYPERPARAMETERS = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                         "dilation", "groups", "padding_mode", "_reversed_padding_repeated_twice")
+_CONV_HYPERPARAMETERS = (
+    "in_channels",
+    "out_channels",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "padding_mode",
+    "_reversed_padding_repeated_twice",
+)
 # Drawn kernels are rounded on a fixed grid per output channel that covers |mu| + 6 sigma of
 # every weight of the channel: a draw falls outside (and is clamped to the edge) with
 # probability 2e-9 per weight, and the grid needs no per-draw range reduction.
@@ -379,14 +404,32 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
     weight_mu_int8: Tensor
     weight_mu_scale: Tensor
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: Any, stride: Any = 1,
-                 padding: Any = 0, dilation: Any = 1, groups: int = 1, bias: bool = True,
-                 padding_mode: PaddingMode = "zeros") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: PaddingMode = "zeros",
+    ) -> None:
         super().__init__(estimator="reparameterization")
         # torch's own validation and normalisation of the hyperparameters.
-        twin = self._torch_cls(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                               dilation=dilation, groups=groups, bias=bias,
-                               padding_mode=padding_mode, device="meta")
+        twin = self._torch_cls(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device="meta",
+        )
         for name in _CONV_HYPERPARAMETERS:
             setattr(self, name, getattr(twin, name))
         self._num_spatial_dims = len(twin.kernel_size)
@@ -404,11 +447,20 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
     def from_float(cls, layer: nn.Module) -> _QuantizedBayesConvNd:
         """The INT8 layer holding ``layer``'s posterior, quantized per output channel."""
         if not isinstance(layer, cls._float_cls):
-            raise TypeError(f"{cls.__name__}.from_float: layer must be a "
-                            f"{cls._float_cls.__name__}, got {type(layer).__name__}")
-        new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                  layer.padding, layer.dilation, layer.groups, layer.bias_mu is not None,
-                  layer.padding_mode)
+            raise TypeError(
+                f"{cls.__name__}.from_float: layer must be a {cls._float_cls.__name__}, got {type(layer).__name__}"
+            )
+        new = cls(
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            layer.bias_mu is not None,
+            layer.padding_mode,
+        )
         with torch.no_grad():
             new._store_posterior("weight", layer.weight_mu, layer.posterior_sigma("weight"), "sigma")
             if layer.bias_mu is not None:
@@ -432,12 +484,14 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
 
     def _kernel_grid(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(mu / step, sigma / step, step)``: the posterior on the fixed per-channel draw grid."""
+
         def build() -> tuple[Tensor, Tensor, Tensor]:
             mu, sigma = self._dequantized("weight_mu"), self._dequantized("weight_sigma")
             reach = (mu.abs() + _KERNEL_GRID_SIGMAS * sigma).flatten(1).amax(1)
             step = quantize_per_channel(reach.reshape(-1, 1))[1]  # reach / 127, kept > 0
             shape = (-1, *([1] * (mu.dim() - 1)))
             return mu / step.reshape(shape), sigma / step.reshape(shape), step
+
         return self._cached("kernel_grid", build)
 
     def _draw_kernels(self, g: int) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -449,17 +503,23 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
 
     def forward(self, input: Tensor) -> Tensor:
         d = self._num_spatial_dims
-        if not isinstance(input, Tensor) or input.dim() not in (d + 1, d + 2) \
-                or input.shape[-(d + 1)] != self.in_channels:
+        if (
+            not isinstance(input, Tensor)
+            or input.dim() not in (d + 1, d + 2)
+            or input.shape[-(d + 1)] != self.in_channels
+        ):
             shape = tuple(input.shape) if isinstance(input, Tensor) else type(input).__name__
-            raise ValueError(f"{type(self).__name__}: input must be (N, C={self.in_channels}, ...) with "
-                             f"{d} spatial dims, or unbatched (C, ...); got {shape}")
+            raise ValueError(
+                f"{type(self).__name__}: input must be (N, C={self.in_channels}, ...) with "
+                f"{d} spatial dims, or unbatched (C, ...); got {shape}"
+            )
         if input.dim() == d + 1:
             return self.forward(input.unsqueeze(0)).squeeze(0)
         x, padding = self._prepare_input(input)
         if self.deterministic:
-            packed = self._cached("packed_mean", lambda: self._packed_conv(
-                self.weight_mu_int8, self.weight_mu_scale, padding))
+            packed = self._cached(
+                "packed_mean", lambda: self._packed_conv(self.weight_mu_int8, self.weight_mu_scale, padding)
+            )
             return self._in_layout(packed(self._quantize_input(x), self.bias_mu, relu=self.fused_relu), input)
         groups = active_sample_groups()
         g = 1 if groups is None else groups.check_batch(self, input)
@@ -473,9 +533,14 @@ class _QuantizedBayesConvNd(QuantizedBayesianModule):
             xq = self._quantize_input(x, None if buffers is None else buffers[:3])
             blocks = list(xq.data.split(n)) if g > 1 else [xq.data]
         q, step, bias = self._draw_kernels(g)
-        outputs = [self._packed_conv(q[i], step, padding)(
-            QuantizedActivation(block, xq.scale, xq.zero_point), None if bias is None else bias[i],
-            relu=self.fused_relu) for i, block in enumerate(blocks)]
+        outputs = [
+            self._packed_conv(q[i], step, padding)(
+                QuantizedActivation(block, xq.scale, xq.zero_point),
+                None if bias is None else bias[i],
+                relu=self.fused_relu,
+            )
+            for i, block in enumerate(blocks)
+        ]
         self._output_numel_per_row = outputs[0][0].numel()
         return self._in_layout(torch.cat(outputs) if g > 1 else outputs[0], input)
 
