@@ -1,14 +1,17 @@
-"""Switching Bayesian modules between sampling and posterior-mean (deterministic) use."""
+"""Switching Bayesian modules between sampling and posterior-mean (deterministic) use, and
+a model into eval mode for the length of a prediction."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from types import TracebackType
 
 from torch import nn
 
 from torchbayes.nn.base import BayesianModule
 
-__all__ = ["posterior_mean", "sampling"]
+__all__ = ["eval_mode", "posterior_mean", "sampling"]
 
 
 class _DeterministicSwitch:
@@ -57,3 +60,30 @@ def sampling(model: nn.Module) -> _DeterministicSwitch:
         A context manager restoring the previous modes, like :func:`posterior_mean`.
     """
     return _DeterministicSwitch(model, False)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for a block; the modules that were training train again after it.
+
+    Only modules in training mode are switched (and switched back): most models arrive in
+    eval mode, and ``nn.Module`` attribute writes are slow enough to show at batch 1.
+
+    Args:
+        model: any module.
+
+    Returns:
+        A context manager.
+
+    Example:
+        >>> with eval_mode(model):
+        ...     out = model(x)   # BatchNorm uses running statistics, dropout is off
+    """
+    training = [m for m in model.modules() if m.training]
+    try:
+        if training:
+            model.eval()
+        yield
+    finally:
+        for m in training:
+            m.training = True

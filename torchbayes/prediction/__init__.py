@@ -12,6 +12,7 @@ deterministic forwards cost, or much less for small batches.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -20,6 +21,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from torchbayes.ensemble import Ensemble
 from torchbayes.nn.base import iter_bayesian_modules
+from torchbayes.nn.mode import eval_mode, posterior_mean
 from torchbayes.prediction.moments import moment_samples
 from torchbayes.prediction.results import (
     ClassificationPrediction,
@@ -307,22 +309,13 @@ def _check_result_fits(model: nn.Module, x: Tensor, num_samples: int) -> None:
     rows = num_samples * x.shape[0]
     if rows < _ROWS_CHECKED:
         return
-    import os
-
-    from torchbayes.nn.mode import posterior_mean
-
-    training = [m for m in model.modules() if m.training]
     try:
-        model.eval()
-        with torch.no_grad(), posterior_mean(model):
+        with eval_mode(model), torch.no_grad(), posterior_mean(model):
             out = model(x[:1])
         out = out[0] if isinstance(out, tuple) else out
         per_row = out.numel() * max(out.element_size(), 4)  # summaries are float32 at least
     except Exception:
         return
-    finally:
-        for m in training:
-            m.training = True
     needed = rows * per_row * _RESULT_COPIES
     if x.device.type == "cuda":
         available = torch.cuda.mem_get_info(x.device)[0]

@@ -49,6 +49,7 @@ from torchbayes.layers.base import ReferenceLayer
 from torchbayes.nn import noise
 from torchbayes.nn.base import BayesianModule, BayesianWeightLayer
 from torchbayes.nn.conv import _torch_output_padding
+from torchbayes.nn.mode import eval_mode
 from torchbayes.prediction.graph import TracingError, _fingerprint, trace
 
 __all__ = [
@@ -287,17 +288,11 @@ def propagate_moments(model: nn.Module, x: Tensor) -> Moments:
         >>> out = propagate_moments(model, images)
         >>> out.mean.shape, out.variance.shape   # (B, C) logits' means and variances
     """
-    training = [m for m in model.modules() if m.training]
-    try:
-        if training:
-            model.eval()  # before tracing: forwards that read self.training are recorded in eval mode
+    with eval_mode(model):  # before tracing: forwards that read self.training are recorded in eval mode
         graph = _traced(model)
         device_type = x.device.type if x.device.type in ("cuda", "cpu", "mps", "xpu") else "cpu"
         with torch.no_grad(), torch.autocast(device_type, enabled=False):
             out = _MomentInterpreter(graph).run(Moments(x))
-    finally:
-        for m in training:
-            m.training = True
     if isinstance(out, tuple) and out:  # Bayesian-Torch style (out, kl)
         out = out[0]
     if isinstance(out, Tensor):

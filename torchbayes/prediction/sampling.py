@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from torchbayes.nn import noise
 from torchbayes.nn.base import BayesianWeightLayer
+from torchbayes.nn.mode import eval_mode
 from torchbayes.nn.vectorized import sample_groups
 from torchbayes.prediction.graph import SampleSplit, TracingError, cached_split
 
@@ -71,37 +72,31 @@ def draw_samples(
     # Balanced passes: the largest is at most one sample bigger than the smallest.
     sizes = [num_samples // num_passes + (i < num_samples % num_passes) for i in range(num_passes)]
     cache: dict = {}
-    # Only modules in training mode are switched (and switched back): most models arrive in
-    # eval mode, and nn.Module attribute writes are slow enough to show at batch 1.
-    training = [m for m in model.modules() if m.training]
     chunks: list[Tensor] = []
-    try:
-        if training:
-            model.eval()
+    with eval_mode(model):
         for m in active:
             m.training = True
-        with torch.no_grad(), noise.noise_generator(seed) if seed is not None else contextlib.nullcontext():
-            passes = _plan_passes(model, x, sizes[0])
-            for size in sizes:
-                inputs = passes.inputs(size, cache)
-                with sample_groups(
-                    size, shared_weights=shared_weights, shared_input=passes.shared(inputs), cache=cache
-                ):
-                    out = passes.run(inputs)
-                if isinstance(out, tuple):  # Bayesian-Torch style (out, kl)
-                    out = out[0]
-                if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != size * batch:
-                    shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                    raise RuntimeError(
-                        f"model output must be a tensor with the batch in dim 0 "
-                        f"({size * batch} rows in this pass), got {shape}"
-                    )
-                chunks.append(out.reshape(size, batch, *out.shape[1:]))
-    finally:
-        for m in active:
-            m.training = False
-        for m in training:
-            m.training = True
+        try:
+            with torch.no_grad(), noise.noise_generator(seed) if seed is not None else contextlib.nullcontext():
+                passes = _plan_passes(model, x, sizes[0])
+                for size in sizes:
+                    inputs = passes.inputs(size, cache)
+                    with sample_groups(
+                        size, shared_weights=shared_weights, shared_input=passes.shared(inputs), cache=cache
+                    ):
+                        out = passes.run(inputs)
+                    if isinstance(out, tuple):  # Bayesian-Torch style (out, kl)
+                        out = out[0]
+                    if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != size * batch:
+                        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                        raise RuntimeError(
+                            f"model output must be a tensor with the batch in dim 0 "
+                            f"({size * batch} rows in this pass), got {shape}"
+                        )
+                    chunks.append(out.reshape(size, batch, *out.shape[1:]))
+        finally:
+            for m in active:
+                m.training = False
     return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
