@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchbayes.metrics import _check_logits, _check_logits_labels, _wide_dtype
+from torchbayes.metrics.classification import _check_logits, _check_logits_labels, _wide_dtype
 
 __all__ = [
     "AvULoss",

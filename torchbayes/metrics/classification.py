@@ -1,4 +1,4 @@
-"""Calibration, proper scoring rules, OOD detection and selective prediction metrics.
+"""Classification metrics: calibration, proper scoring rules, OOD detection, selective prediction.
 
 Classification metrics take predictive probabilities ``probs`` of shape ``(N, C)``
 (for a Bayesian model, the Monte Carlo average of the softmax outputs; rows must sum to
