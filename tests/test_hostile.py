@@ -51,6 +51,8 @@ from torchbayes.quantization import quantize
 
 # The module (the package exports its main() under the same name).
 cli_main = importlib.import_module("torchbayes.cli.main")
+cli_arguments = importlib.import_module("torchbayes.cli.arguments")
+cli_commands = importlib.import_module("torchbayes.cli.commands")
 
 SCRIPT = '<img src=x onerror="alert(1)"><script>alert(2)</script>'
 
@@ -186,7 +188,7 @@ def test_paths_stored_in_a_checkpoint_are_never_read(config, flag, command, tmp_
     # quantize refuses deterministic models first: give it a Bayesian one
     path = _cli_checkpoint(tmp_path / "m.pt", bayesian=command == "quantize", **config)
     read: list[str] = []
-    monkeypatch.setattr(cli_main, "load_image_dataset", lambda source, **kw: read.append(source))
+    monkeypatch.setattr(cli_arguments, "load_image_dataset", lambda source, **kw: read.append(source))
     assert main([command, str(path), "--out", str(tmp_path / "out"), "--quiet"]) == EXIT_USAGE
     line = _one_error_line(capsys.readouterr().err, command)
     assert flag in line and "never read" in line
@@ -238,8 +240,10 @@ def no_work(monkeypatch):
     """Fail the test if a command starts loading data (the outputs must be checked before)."""
     def work(*args, **kwargs):
         raise AssertionError("the command started working before checking its output path")
-    monkeypatch.setattr(cli_main, "load_image_dataset", work)
-    monkeypatch.setattr(cli_main, "load_checkpoint", work)
+    monkeypatch.setattr(cli_arguments, "load_image_dataset", work)
+    for command in cli_commands.COMMANDS.values():
+        if hasattr(command, "load_checkpoint"):
+            monkeypatch.setattr(command, "load_checkpoint", work)
 
 
 def _bad_outputs(tmp_path: Path) -> list[tuple[Path, str]]:

@@ -1,0 +1,86 @@
+"""``torchbayes quantize``: turn a Bayesian checkpoint into an INT8 model that still samples."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from torchbayes.cli.arguments import (
+    BadInput,
+    Console,
+    add_common,
+    add_data,
+    check_output_file,
+    data_source,
+    input_checks,
+    load_data,
+    positive_int,
+    shown,
+)
+from torchbayes.cli.errors import EXIT_OK
+from torchbayes.cli.training import load_checkpoint, save_checkpoint
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Add the ``quantize`` subcommand and its options to ``commands``."""
+    parser = commands.add_parser(
+        "quantize",
+        help="turn a Bayesian checkpoint into an INT8 model",
+        description="Quantize a Bayesian checkpoint to INT8 (it keeps sampling).",
+    )
+    parser.add_argument("checkpoint", help="a Bayesian checkpoint written by 'torchbayes train'")
+    parser.add_argument("--out", default=None, help="output file (default <checkpoint>-int8.pt)")
+    parser.add_argument(
+        "--calibration-samples",
+        type=positive_int,
+        default=256,
+        help="training images used to calibrate activations (default 256)",
+    )
+    add_data(parser, required_default=None)
+    add_common(parser)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    """Run ``torchbayes quantize`` with parsed ``args``; returns the exit code."""
+    from torchbayes.quantization import quantize
+
+    source = Path(args.checkpoint)
+    out = check_output_file(args.out or source.with_name(source.stem + "-int8" + source.suffix), "--out")
+    with input_checks("checkpoint"):
+        ckpt = load_checkpoint(args.checkpoint)
+    if not ckpt.config.bayesian or ckpt.int8:
+        what = "an INT8 model already" if ckpt.int8 else "a deterministic model"
+        raise BadInput(f"checkpoint {args.checkpoint!r} holds {what}; quantize expects a Bayesian float one")
+    config = ckpt.config
+    dataset, data_root = data_source(args, config)
+    data = load_data(
+        dataset,
+        data_root,
+        args.image_size or config.image_size,
+        config.ood_classes if args.ood_classes is None else args.ood_classes,
+        config.seed,
+    )
+    if data.input_shape != ckpt.input_shape:
+        raise BadInput(
+            f"checkpoint {args.checkpoint!r} expects inputs {ckpt.input_shape}, but --dataset "
+            f"{shown(dataset)} has inputs {data.input_shape}"
+        )
+    # Static activation ranges from training images (what the model saw), not test ones.
+    with warnings.catch_warnings(record=True) as caught:  # shown as one line each, like ours
+        warnings.simplefilter("always")
+        quantized = quantize(ckpt.model.eval(), data.train_x[: args.calibration_samples])
+    for warning in caught:
+        print(f"torchbayes quantize: warning: {warning.message}", file=sys.stderr, flush=True)
+    save_checkpoint(out, quantized, config, ckpt.input_shape, ckpt.num_classes, ckpt.history, int8=True)
+    sizes = source.stat().st_size, out.stat().st_size
+    console(
+        f"INT8 model: {out} ({sizes[1] / 1e6:.2f} MB, {sizes[0] / sizes[1]:.1f}x smaller than "
+        f"{source}); evaluate it with: torchbayes evaluate {out}"
+    )
+    if args.quiet:
+        print(out)
+    return EXIT_OK
