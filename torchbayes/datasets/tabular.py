@@ -44,6 +44,7 @@ __all__ = [
     "MAX_VALUES",
     "Standardization",
     "Table",
+    "TableSchema",
     "TabularSplits",
     "read_table",
     "read_features",
@@ -164,6 +165,111 @@ class TabularSplits:
         """Classes of a classification table (0 for regression)."""
         return len(self.table.classes)
 
+    @property
+    def schema(self) -> TableSchema:
+        """Columns, classes and standardisation: what a model needs to read new rows."""
+        return TableSchema(
+            self.table.task,
+            self.table.feature_names,
+            self.table.target_name,
+            self.table.classes,
+            self.feature_scaling,
+            self.target_scaling,
+        )
+
+
+@dataclass(frozen=True)
+class TableSchema:
+    """What a model trained on a table needs to read new rows: columns, classes and scaling.
+
+    Stored in checkpoints as :meth:`to_dict` and read back with :meth:`from_dict`, which
+    validates every value (a checkpoint may come from anyone).
+
+    Attributes:
+        task: ``"regression"`` or ``"classification"``.
+        feature_names: the input columns, in order; ``target_name`` the target.
+        classes: class labels in index order (classification).
+        feature_scaling: the inputs' standardisation; ``target_scaling`` the target's
+            (regression), so that predictions are reported in the target's own units.
+    """
+
+    task: str
+    feature_names: tuple[str, ...]
+    target_name: str
+    classes: tuple[str, ...]
+    feature_scaling: Standardization
+    target_scaling: Standardization | None
+
+    def __post_init__(self) -> None:
+        if self.task not in TABULAR_TASKS:
+            raise ValueError(f"task must be one of {TABULAR_TASKS}, got {str(self.task)[:40]!r}")
+        texts = [*self.feature_names, self.target_name, *self.classes]
+        if not all(isinstance(t, str) and 0 < len(t) <= 4096 and "\0" not in t for t in texts):
+            raise ValueError("column names and class labels must be non-empty texts of at most 4096 characters")
+        if not 0 < len(self.feature_names) <= MAX_COLUMNS or len(set(self.feature_names)) != len(self.feature_names):
+            raise ValueError(f"feature_names must be 1 to {MAX_COLUMNS} distinct names")
+        if len(self.feature_scaling.mean) != len(self.feature_names):
+            raise ValueError("feature_scaling must have one mean and std per feature")
+        if self.task == "regression":
+            if self.target_scaling is None or len(self.target_scaling.mean) != 1 or self.classes:
+                raise ValueError("a regression schema has one target scaling and no classes")
+        elif self.target_scaling is not None or not 2 <= len(self.classes) <= MAX_CLASSES:
+            raise ValueError(f"a classification schema has 2 to {MAX_CLASSES} classes and no target scaling")
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain values (lists, floats, texts) for checkpoints and JSON."""
+        target = self.target_scaling
+        return {
+            "task": self.task,
+            "feature_names": list(self.feature_names),
+            "target_name": self.target_name,
+            "classes": list(self.classes),
+            "feature_mean": list(self.feature_scaling.mean),
+            "feature_std": list(self.feature_scaling.std),
+            "target_mean": None if target is None else target.mean[0],
+            "target_std": None if target is None else target.std[0],
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> TableSchema:
+        """The schema of :meth:`to_dict`; anything else (unknown keys, wrong types) is a ``ValueError``."""
+        keys = {"task", "feature_names", "target_name", "classes", "feature_mean", "feature_std"}
+        keys |= {"target_mean", "target_std"}
+        if not isinstance(data, dict) or set(data) != keys:
+            shown = sorted(str(k)[:40] for k in data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"table schema must have the keys {sorted(keys)}, got {shown}")
+
+        def texts(name: str) -> tuple[str, ...]:
+            value = data[name]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of texts")
+            return tuple(value)
+
+        def numbers(name: str) -> tuple[float, ...]:
+            value = data[name]
+            if not isinstance(value, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+            ):
+                raise ValueError(f"{name} must be a list of numbers")
+            return tuple(float(v) for v in value)
+
+        target: Standardization | None = None
+        if data["target_mean"] is not None or data["target_std"] is not None:
+            mean, std = data["target_mean"], data["target_std"]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (mean, std)):
+                raise ValueError("target_mean and target_std must be numbers")
+            target = Standardization((float(mean),), (float(std),))
+        if not isinstance(data["target_name"], str) or not isinstance(data["task"], str):
+            raise ValueError("task and target_name must be texts")
+        return cls(
+            task=data["task"],
+            feature_names=texts("feature_names"),
+            target_name=data["target_name"],
+            classes=texts("classes"),
+            feature_scaling=Standardization(numbers("feature_mean"), numbers("feature_std")),
+            target_scaling=target,
+        )
+
 
 # ------------------------------------------------------------------ reading
 class _Cells:
@@ -230,8 +336,30 @@ def _check_header(header: list[str], where: str) -> list[str]:
     return names
 
 
+def _columns(
+    names: Sequence[str], target: str | int, ignore: Sequence[str | int], only: Sequence[str] | None, where: str
+) -> tuple[int, list[int]]:
+    """The target's index and the input columns' indices (all others but ``ignore``, or ``only``)."""
+    target_index = _resolve_column(names, target, "--target", where)
+    if only is not None:
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise ValueError(f"{where} has no column {missing[0][:80]!r}, an input of the model")
+        return target_index, [names.index(n) for n in only]
+    dropped = {_resolve_column(names, c, "--ignore", where) for c in ignore}
+    if target_index in dropped:
+        raise ValueError(f"--ignore: column {names[target_index]!r} is the target")
+    return target_index, [i for i in range(len(names)) if i != target_index and i not in dropped]
+
+
 def _read_csv(
-    path: Path, where: str, target: str | int, ignore: Sequence[str | int], task: str, max_values: int
+    path: Path,
+    where: str,
+    target: str | int,
+    ignore: Sequence[str | int],
+    only: Sequence[str] | None,
+    task: str,
+    max_values: int,
 ) -> Table:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
@@ -245,11 +373,7 @@ def _read_csv(
             if header is None:
                 raise ValueError(f"{where} is empty: expected a header row naming the columns, then rows of numbers")
             names = _check_header(header, where)
-            target_index = _resolve_column(names, target, "--target", where)
-            dropped = {_resolve_column(names, c, "--ignore", where) for c in ignore}
-            if target_index in dropped:
-                raise ValueError(f"--ignore: column {names[target_index]!r} is the target")
-            features = [i for i in range(len(names)) if i != target_index and i not in dropped]
+            target_index, features = _columns(names, target, ignore, only, where)
             if not features:
                 raise ValueError(
                     f"{where} has no input columns besides the target {names[target_index]!r}"
@@ -421,14 +545,16 @@ def _load_numpy(path: Path, where: str, max_values: int) -> tuple[list[str], np.
 
 
 def _read_numpy(
-    path: Path, where: str, target: str | int, ignore: Sequence[str | int], task: str, max_values: int
+    path: Path,
+    where: str,
+    target: str | int,
+    ignore: Sequence[str | int],
+    only: Sequence[str] | None,
+    task: str,
+    max_values: int,
 ) -> Table:
     names, matrix = _load_numpy(path, where, max_values)
-    target_index = _resolve_column(names, target, "--target", where)
-    dropped = {_resolve_column(names, c, "--ignore", where) for c in ignore}
-    if target_index in dropped:
-        raise ValueError(f"--ignore: column {names[target_index]!r} is the target")
-    features = [i for i in range(len(names)) if i != target_index and i not in dropped]
+    target_index, features = _columns(names, target, ignore, only, where)
     if not features:
         raise ValueError(f"{where} has no input columns besides the target {names[target_index]!r}")
     x = np.ascontiguousarray(matrix[:, features])
@@ -461,6 +587,7 @@ def read_table(
     target: str | int,
     task: str = "regression",
     ignore: Sequence[str | int] = (),
+    features: Sequence[str] | None = None,
     max_values: int = MAX_VALUES,
 ) -> Table:
     """Read a CSV or NumPy table, checking every cell.
@@ -473,6 +600,8 @@ def read_table(
             integers ordered as numbers).
         ignore: columns left out of the inputs (names or indices), e.g. an ID column or a
             categorical one.
+        features: the input columns by name, in this order (all others are left out); e.g.
+            the columns a model was trained on. ``None``: every column but the target and ``ignore``.
         max_values: most cells read into memory (the default, 10^8, is 800 MB as float64).
 
     Returns:
@@ -502,8 +631,8 @@ def read_table(
     if suffix not in TABULAR_SUFFIXES:
         raise ValueError(f"{where}: expected a table file ending in {', '.join(TABULAR_SUFFIXES)}")
     if suffix in (".npy", ".npz"):
-        return _read_numpy(path, where, target, ignore, task, max_values)
-    return _read_csv(path, where, target, ignore, task, max_values)
+        return _read_numpy(path, where, target, ignore, features, task, max_values)
+    return _read_csv(path, where, target, ignore, features, task, max_values)
 
 
 def read_features(
