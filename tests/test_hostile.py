@@ -527,3 +527,99 @@ def test_meta_device_repr_and_to_empty():
     out = real(torch.randn(2, 1, 4, 4))
     assert out.shape == (2, 2) and torch.isfinite(out).all()
     assert torch.isfinite(sum(m.kl_divergence() for m in real.modules() if isinstance(m, BayesianModule)))
+
+
+# ====================================================================== issue 22, section 6 (library)
+# Flags and seeds are checked where they enter the public API, with one message naming the
+# argument: Python takes any non-empty string as true, and torch's manual_seed overflows
+# with a bare "Overflow when unpacking long long" from 2**64 on.
+def _dropout_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def _flag_calls() -> list[tuple[str, Callable[[Any], Any]]]:
+    from torchbayes import Ensemble, dnn_to_bnn, metrics
+    from torchbayes.conversion import moped
+    from torchbayes.ensemble import fit_ensemble
+    from torchbayes.export import deployable_model
+    from torchbayes.interchange import load_reference_state_dict, reference_state_dict
+
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    probs = torch.softmax(torch.randn(6, 3), -1)
+    return [
+        ("dropout", lambda v: predict(dnn_to_bnn(_dropout_net()), x, 4, dropout=v)),
+        ("shared_weights", lambda v: predict(dnn_to_bnn(_dropout_net()), x, 4, shared_weights=v)),
+        ("vectorize", lambda v: fit_ensemble(Ensemble([_dropout_net(), _dropout_net()]), x, y, epochs=1,
+                                             vectorize=v)),
+        ("adaptive", lambda v: metrics.expected_calibration_error(probs, y, 5, adaptive=v)),
+        ("stochastic", lambda v: deployable_model(dnn_to_bnn(_dropout_net()), stochastic=v)),
+        ("load_deterministic", lambda v: moped(dnn_to_bnn(_dropout_net()), _dropout_net(), load_deterministic=v)),
+        ("strict", lambda v: load_reference_state_dict(dnn_to_bnn(_dropout_net()), {}, strict=v)),
+        ("include_priors", lambda v: reference_state_dict(dnn_to_bnn(_dropout_net()), include_priors=v)),
+    ]
+
+
+@pytest.mark.parametrize("value", ["False", "no", "", 0, 1, 1.0, np.bool_(False)])
+def test_library_flags_refuse_anything_but_a_bool(value):
+    for name, call in _flag_calls():
+        with pytest.raises(TypeError, match=rf"^{name} must be True or False(, or None)?|^{name} must be True, False"):
+            call(value)
+
+
+def test_library_flags_still_take_bools():
+    for name, call in _flag_calls():
+        if name == "strict":
+            call(False)  # an empty state_dict loads only when not strict
+            continue
+        call(False)
+        call(True)
+
+
+def _seed_calls() -> list[Callable[[Any], Any]]:
+    from torchbayes import Ensemble, dnn_to_bnn, noise_generator
+    from torchbayes.distributed import seed_per_rank
+    from torchbayes.ensemble import fit_ensemble
+
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+
+    def in_noise_generator(seed: Any) -> None:
+        with noise_generator(seed):
+            pass
+
+    return [
+        lambda s: predict(dnn_to_bnn(_dropout_net()), x, 4, seed=s),
+        lambda s: predict(_dropout_net(), x, 4, seed=s, dropout=True),
+        lambda s: predict(dnn_to_bnn(_dropout_net()), x, 4, seed=s, method="moments"),
+        lambda s: predict(Ensemble([dnn_to_bnn(_dropout_net()) for _ in range(2)]), x, 2, seed=s),
+        lambda s: fit_ensemble(Ensemble([_dropout_net(), _dropout_net()]), x, y, epochs=1, seed=s),
+        in_noise_generator,
+        seed_per_rank,
+    ]
+
+
+@pytest.mark.parametrize("seed, error, expected", [
+    (2**70, ValueError, "from 0 to 2**64 - 1"), (2**64, ValueError, "from 0 to 2**64 - 1"),
+    (-1, ValueError, "from 0 to 2**64 - 1"), (1.5, TypeError, "got float"), (True, TypeError, "got bool"),
+    ("0", TypeError, "got str")])
+def test_seeds_out_of_range_name_the_argument(seed, error, expected):
+    for call in _seed_calls():
+        with pytest.raises(error, match=re.escape(expected)) as caught:
+            call(seed)
+        assert "seed" in str(caught.value) and "Overflow" not in str(caught.value)
+
+
+def test_largest_seeds_work():
+    for call in _seed_calls()[:-1]:  # seed_per_rank reseeds the global generator: the last one alone
+        call(0)
+        call(2**64 - 1)
+
+
+@pytest.mark.parametrize("selector", [42, 3.0, b"0", {"0": 1}, [1], ["0", None], object()])
+@pytest.mark.parametrize("argument", ["include", "exclude"])
+def test_dnn_to_bnn_selectors_are_checked(selector, argument):
+    from torchbayes import dnn_to_bnn
+
+    model = _dropout_net()
+    with pytest.raises(TypeError, match=rf"^{argument} must be a module name, a list of names"):
+        dnn_to_bnn(model, **{argument: selector})
+    assert not any(isinstance(m, BayesianModule) for m in model.modules())  # unchanged

@@ -39,6 +39,7 @@ from torchbayes.nn.conv import (
 from torchbayes.nn.linear import BayesLinear
 from torchbayes.nn.rnn import BayesGRU, BayesLSTM
 from torchbayes.priors import GaussianPrior, Prior, ScaleMixturePrior
+from torchbayes.validation import check_flag
 
 __all__ = [
     "DEFAULT_SETTINGS",
@@ -352,6 +353,11 @@ def _compile_selector(selector: Selector, argument: str, names: list[str]) -> Pr
         return None
     if callable(selector) and not isinstance(selector, str):
         return selector
+    if not isinstance(selector, Iterable) or isinstance(selector, (bytes, bytearray, Mapping)):
+        raise TypeError(
+            f"{argument} must be a module name, a list of names/glob patterns, or a "
+            f"predicate (name, module) -> bool, got {type(selector).__name__} {selector!r}"[:300]
+        )
     patterns = [selector] if isinstance(selector, str) else list(selector)
     if not all(isinstance(p, str) and p for p in patterns):
         raise TypeError(
@@ -507,7 +513,7 @@ def moped(
                 )
         plans.append((layer, sources, sigmas))
     deterministic: dict[str, Tensor] = {}
-    if load_deterministic:
+    if check_flag("load_deterministic", load_deterministic):
         deterministic = _deterministic_state(model, [n for n, _ in layers], state)
     for layer, sources, sigmas in plans:
         _moped_layer(layer, sources, delta, sigmas)

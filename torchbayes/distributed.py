@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from torchbayes.elbo import kl_divergence
+from torchbayes.validation import check_seed
 
 __all__ = ["ModelWithKL", "seed_per_rank"]
 
@@ -71,8 +72,7 @@ def seed_per_rank(seed: int, group: dist.ProcessGroup | None = None) -> int:
         >>> ddp = DistributedDataParallel(model)
         >>> seed_per_rank(0)   # rank r now samples with seed r
     """
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    check_seed(seed)
     rank = dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
     torch.manual_seed(seed + rank)
     return seed + rank

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from torchbayes.nn.base import iter_bayesian_modules
+from torchbayes.validation import check_flag, check_seed
 
 __all__ = ["Ensemble", "fit_ensemble"]
 
@@ -280,6 +281,8 @@ def fit_ensemble(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    check_flag("vectorize", vectorize, allow_none=True)
+    check_seed(seed)
     ensemble.train()
     reason = ensemble.loop_reason()
     if vectorize and reason is not None:

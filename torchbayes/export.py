@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torchbayes.conversion import bnn_to_dnn
 from torchbayes.nn.base import iter_bayesian_modules
 from torchbayes.nn.mode import sampling
+from torchbayes.validation import check_flag
 
 __all__ = ["deployable_model", "export_program", "export_onnx"]
 
@@ -47,7 +48,7 @@ def deployable_model(model: nn.Module, *, stochastic: bool = False) -> nn.Module
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not stochastic:
+    if not check_flag("stochastic", stochastic):
         return bnn_to_dnn(model).eval()
     if next(iter_bayesian_modules(model), None) is None:
         raise ValueError(f"stochastic export needs Bayesian layers; {type(model).__name__} has none")
@@ -64,7 +65,7 @@ def _as_args(example_inputs: Tensor | tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _batch_shapes(args: tuple[Any, ...], dynamic_batch: bool) -> tuple[Any, ...] | None:
-    if not dynamic_batch:
+    if not check_flag("dynamic_batch", dynamic_batch):
         return None
     batch = torch.export.Dim("batch")
     for a in args:

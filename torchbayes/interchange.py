@@ -31,6 +31,7 @@ from torchbayes.conversion import _outermost_bayesian
 from torchbayes.nn.base import BayesianModule
 from torchbayes.nn.conv import _BayesConvNd
 from torchbayes.nn.linear import BayesLinear
+from torchbayes.validation import check_flag
 
 __all__ = ["load_reference_state_dict", "reference_state_dict"]
 
@@ -112,6 +113,7 @@ def load_reference_state_dict(
         >>> model = dnn_to_bnn(make_cnn(), same_dict_as_reference)
         >>> load_reference_state_dict(model, torch.load("ref.pt", weights_only=True))
     """
+    check_flag("strict", strict)
     if isinstance(source, nn.Module):
         state = dict(source.state_dict())
         # The reference's priors are not in its state_dict: read its buffers instead.
@@ -179,7 +181,7 @@ def reference_state_dict(model: nn.Module, *, include_priors: bool = False) -> d
             out[key] = value
         elif not _is_prior(key):
             out[to_theirs[key]] = value
-        elif include_priors:
+        elif check_flag("include_priors", include_priors):
             param = own[_mean_of(key)]
             out[to_theirs[key]] = value.expand(param.shape).clone()
     return out

@@ -25,6 +25,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from torchbayes.validation import check_flag
+
 __all__ = [
     "CalibrationBins",
     "accuracy",
@@ -226,6 +228,7 @@ def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = 15, *, adaptiv
         >>> bins = calibration_bins(probs, y, n_bins=10); bins.expected_calibration_error
     """
     _check_n_bins(n_bins, "calibration_bins")
+    check_flag("adaptive", adaptive)
     confidence, correct = _confidence_and_correct(probs, labels, "calibration_bins")
     n = confidence.shape[0]
     if adaptive:

@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from torchbayes.validation import seeded_generator
+
 __all__ = ["noise_generator", "randn", "normal_", "random_signs"]
 
 _GENERATOR: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
@@ -30,7 +32,7 @@ def noise_generator(seed_or_generator: int | torch.Generator | None) -> Iterator
     """Draw all Bayesian-layer noise inside the block from one generator.
 
     Args:
-        seed_or_generator: an integer seed (a fresh CPU generator is made from it),
+        seed_or_generator: an integer seed from 0 to ``2**64 - 1`` (a fresh CPU generator is made from it),
             a ``torch.Generator`` (used as is; it must live on the model's device),
             or ``None`` (use PyTorch's global generator, the default).
 
@@ -43,14 +45,7 @@ def noise_generator(seed_or_generator: int | torch.Generator | None) -> Iterator
         >>> with noise_generator(0):
         ...     y2 = model(x)   # identical to y1
     """
-    if seed_or_generator is None or isinstance(seed_or_generator, torch.Generator):
-        gen = seed_or_generator
-    elif isinstance(seed_or_generator, int) and not isinstance(seed_or_generator, bool):
-        gen = torch.Generator().manual_seed(seed_or_generator)
-    else:
-        raise TypeError(
-            f"seed_or_generator must be an int, a torch.Generator or None, got {type(seed_or_generator).__name__}"
-        )
+    gen = seeded_generator(seed_or_generator, "seed_or_generator")
     token = _GENERATOR.set(gen)
     try:
         yield gen

@@ -30,6 +30,7 @@ from torchbayes.prediction.results import (
     summarize,
 )
 from torchbayes.prediction.sampling import default_chunk_size, draw_samples
+from torchbayes.validation import check_flag, seeded_generator
 
 __all__ = ["ClassificationPrediction", "Prediction", "RegressionPrediction", "dropout_modules", "predict", "summarize"]
 
@@ -128,6 +129,10 @@ def predict(
         >>> result.predicted_class, result.mutual_information   # epistemic, per image
     """
     _check_arguments(model, x, num_samples, task, outputs, output_variance, chunk_size)
+    check_flag("shared_weights", shared_weights)
+    check_flag("dropout", dropout)
+    seeded_generator(seed)  # checks the seed up front, whichever path draws from it
+    _check_result_fits(model, x, _sample_count(model, num_samples, dropout))
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method == "moments":
@@ -262,7 +267,15 @@ def _check_arguments(
         raise ValueError(f"outputs must be one of {CLASSIFIER_OUTPUTS}, got {outputs!r}")
     if output_variance not in VARIANCE_OUTPUTS:
         raise ValueError(f"output_variance must be one of {VARIANCE_OUTPUTS}, got {output_variance!r}")
-    _check_result_fits(model, x, num_samples)
+
+
+def _sample_count(model: nn.Module, num_samples: int, dropout: bool) -> int:
+    """How many samples ``predict`` returns: an Ensemble's members (times ``num_samples`` when
+    they sample themselves), ``num_samples`` otherwise."""
+    if not isinstance(model, Ensemble):
+        return num_samples
+    stochastic = dropout or next(iter_bayesian_modules(model), None) is not None
+    return model.num_members * (num_samples if stochastic else 1)
 
 
 def _check_input_matches_model(modules: list[nn.Module], x: Tensor, plain_model: nn.Module | None = None) -> None:
