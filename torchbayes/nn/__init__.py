@@ -10,6 +10,7 @@ from torchbayes.nn.conv import (
     BayesConvTranspose2d,
     BayesConvTranspose3d,
 )
+from torchbayes.nn.likelihoods import GaussianLikelihood, HeteroscedasticGaussian, HomoscedasticGaussian
 from torchbayes.nn.linear import BayesLinear
 from torchbayes.nn.mode import posterior_mean, sampling
 from torchbayes.nn.noise import noise_generator
@@ -20,6 +21,9 @@ __all__ = [
     "BayesianModule",
     "BayesianWeightLayer",
     "BayesLinear",
+    "GaussianLikelihood",
+    "HeteroscedasticGaussian",
+    "HomoscedasticGaussian",
     "BayesConv1d",
     "BayesConv2d",
     "BayesConv3d",

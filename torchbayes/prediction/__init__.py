@@ -21,6 +21,7 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from torchbayes.ensemble import Ensemble
 from torchbayes.nn.base import iter_bayesian_modules
+from torchbayes.nn.likelihoods import find_likelihood
 from torchbayes.nn.mode import eval_mode, posterior_mean
 from torchbayes.prediction.moments import moment_samples
 from torchbayes.prediction.results import (
@@ -48,7 +49,7 @@ def predict(
     method: str = "mc",
     task: str = "classification",
     outputs: str = "logits",
-    output_variance: str | None = None,
+    output_variance: str | None = "auto",
     chunk_size: int | None = None,
     seed: int | torch.Generator | None = None,
     shared_weights: bool = False,
@@ -94,10 +95,12 @@ def predict(
         task: ``"classification"`` or ``"regression"``.
         outputs: for classification, whether the model returns ``"logits"`` (softmax
             is applied; log-probabilities work too) or ``"probabilities"``.
-        output_variance: for regression, ``None`` (the model predicts means only), or
-            ``"variance"`` / ``"log_variance"``: the last output dimension holds
-            ``D`` means followed by ``D`` variances (log-variances) of a heteroscedastic
-            Gaussian likelihood.
+        output_variance: for regression, ``"auto"`` (the default: ``"log_variance"``
+            when the model holds a Gaussian head of `torchbayes.nn.likelihoods`, else
+            ``None``), ``None`` (the model predicts means only), or ``"variance"`` /
+            ``"log_variance"``: the last output dimension holds ``D`` means followed by
+            ``D`` variances (log-variances) of a Gaussian likelihood. A model with a head
+            takes only ``"auto"`` or ``"log_variance"``.
         chunk_size: most Monte Carlo samples per forward pass (memory grows with
             ``chunk_size * B``); ``1`` runs one pass per sample. Default: chosen from
             ``B`` (a single sample per pass for models with Bayesian modules that do not
@@ -128,6 +131,7 @@ def predict(
         >>> result = predict(model, images, num_samples=32, seed=0)
         >>> result.predicted_class, result.mutual_information   # epistemic, per image
     """
+    output_variance = _resolve_output_variance(model, task, output_variance)
     _check_arguments(model, x, num_samples, task, outputs, output_variance, chunk_size)
     check_flag("shared_weights", shared_weights)
     check_flag("dropout", dropout)
@@ -144,6 +148,14 @@ def predict(
         return summarize(samples, task=task, outputs=outputs, output_variance=output_variance)
     samples = _monte_carlo_samples(model, x, num_samples, chunk_size, seed, shared_weights, dropout)
     return summarize(samples, task=task, outputs=outputs, output_variance=output_variance)
+
+
+def _resolve_output_variance(model: nn.Module, task: str, output_variance: str | None) -> str | None:
+    """``"auto"``: the layout of the model's Gaussian head, if it has one (else ``None``)."""
+    if output_variance != "auto" or not isinstance(model, nn.Module):
+        return output_variance
+    head = find_likelihood(model) if task == "regression" else None
+    return head.output_variance if head is not None else None
 
 
 def _moment_prediction(
@@ -171,7 +183,7 @@ def _moment_prediction(
         raise ValueError("method='moments' does not take an Ensemble; predict with method='mc'")
     _check_input_matches_model([m for _, m in iter_bayesian_modules(model)], x)
     samples = moment_samples(model, x, num_samples, task=task, output_variance=output_variance, seed=seed)
-    return summarize(samples, task=task, outputs="logits", output_variance=output_variance)
+    return summarize(samples, task=task, outputs="logits", output_variance=output_variance, predictive="gaussian")
 
 
 def _monte_carlo_samples(
@@ -265,6 +277,11 @@ def _check_arguments(
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if outputs not in CLASSIFIER_OUTPUTS:
         raise ValueError(f"outputs must be one of {CLASSIFIER_OUTPUTS}, got {outputs!r}")
+    if task == "regression" and output_variance != "log_variance" and find_likelihood(model) is not None:
+        raise ValueError(
+            f"the model ends in a Gaussian head, whose outputs are means and log-variances; "
+            f"pass output_variance='auto' (the default) or 'log_variance', not {output_variance!r}"
+        )
     if output_variance not in VARIANCE_OUTPUTS:
         raise ValueError(f"output_variance must be one of {VARIANCE_OUTPUTS}, got {output_variance!r}")
 

@@ -40,7 +40,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
@@ -49,6 +48,13 @@ from torchbayes.layers.base import ReferenceLayer
 from torchbayes.nn import noise
 from torchbayes.nn.base import BayesianModule, BayesianWeightLayer
 from torchbayes.nn.conv import _torch_output_padding
+from torchbayes.nn.likelihoods import (
+    GaussianLikelihood,
+    HeteroscedasticGaussian,
+    HomoscedasticGaussian,
+    _standard_normal_nodes,
+    find_likelihood,
+)
 from torchbayes.nn.mode import eval_mode
 from torchbayes.prediction.graph import TracingError, _fingerprint, trace
 
@@ -56,6 +62,7 @@ __all__ = [
     "QUADRATURE_NODES",
     "Moments",
     "UnsupportedOperationError",
+    "expected_log_likelihood",
     "moment_samples",
     "propagate_moments",
     "register_moment_rule",
@@ -264,11 +271,12 @@ def _traced(model: nn.Module) -> fx.GraphModule:
     return entry[2]
 
 
-def propagate_moments(model: nn.Module, x: Tensor) -> Moments:
+def propagate_moments(model: nn.Module, x: Tensor, *, differentiable: bool = False) -> Moments:
     """The mean and variance of ``model``'s output for input ``x``, in one pass.
 
-    The model runs in eval mode (its modes are restored afterwards), without gradients
-    and without autocast (variances need float32's range). Layers in posterior-mean mode
+    The model runs in eval mode (its modes are restored afterwards), without autocast
+    (variances need float32's range), and without gradients unless ``differentiable``.
+    Layers in posterior-mean mode
     (:func:`torchbayes.posterior_mean`) have no weight variance. A model returning a
     tuple is read from its first element.
 
@@ -276,6 +284,10 @@ def propagate_moments(model: nn.Module, x: Tensor) -> Moments:
         model: a network whose ``forward`` torch.fx can trace (no control flow on tensor
             values), made of modules and functions that have moment rules.
         x: the input batch, known exactly.
+        differentiable: record the autograd graph, so that a loss of the moments trains
+            the posterior (sampling-free training, :func:`expected_log_likelihood`). The
+            rules of linear and convolutional layers, ReLU, sums, reshapes and the
+            Gaussian heads then avoid in-place steps; other rules may not support it.
 
     Returns:
         :class:`Moments` of the output (variance ``None`` if nothing in the model is random).
@@ -291,7 +303,7 @@ def propagate_moments(model: nn.Module, x: Tensor) -> Moments:
     with eval_mode(model):  # before tracing: forwards that read self.training are recorded in eval mode
         graph = _traced(model)
         device_type = x.device.type if x.device.type in ("cuda", "cpu", "mps", "xpu") else "cpu"
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        with torch.set_grad_enabled(differentiable), torch.autocast(device_type, enabled=False):
             out = _MomentInterpreter(graph).run(Moments(x))
     if isinstance(out, tuple) and out:  # Bayesian-Torch style (out, kl)
         out = out[0]
@@ -300,6 +312,50 @@ def propagate_moments(model: nn.Module, x: Tensor) -> Moments:
     if not isinstance(out, Moments):
         raise TypeError(f"model output must be a tensor (or a tuple starting with one), got {type(out).__name__}")
     return out
+
+
+def expected_log_likelihood(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """``E_q[log p(target | x, w)]`` per example, in closed form: sampling-free training.
+
+    The moments of the input of the model's Gaussian head
+    (:class:`~torchbayes.nn.likelihoods.GaussianLikelihood`, the model's last operation)
+    are propagated through the network (:func:`propagate_moments`, differentiable), and
+    the head's closed form gives the expected Gaussian log-likelihood (Wu et al. 2019,
+    with diagonal covariances). No weights are sampled, so the objective has no Monte
+    Carlo noise. With `torchbayes.elbo_loss` it is the sampling-free ELBO; the model is
+    run in eval mode (dropout off).
+
+    Args:
+        model: a network ending in a Gaussian head, made of modules with differentiable
+            moment rules (Bayesian and plain linear/convolutional layers, ReLU...).
+        x: the input batch ``(B, ...)``.
+        target: ``(B, D)`` targets (``(B,)`` when ``D = 1``).
+
+    Returns:
+        ``(B,)`` expected log-likelihoods, differentiable in the model's parameters.
+
+    Example:
+        >>> nll = -expected_log_likelihood(model, x, y).mean()
+        >>> loss = torchbayes.elbo_loss(nll, model, num_data=len(train_x))
+    """
+    head = find_likelihood(model)
+    if head is None:
+        raise ValueError(
+            f"expected_log_likelihood needs a model ending in a Gaussian head "
+            f"(torchbayes.nn.HomoscedasticGaussian or HeteroscedasticGaussian); {type(model).__name__} has none"
+        )
+    captured: list[tuple[GaussianLikelihood, Moments, Moments]] = []
+    _HEAD_INPUTS.append(captured)
+    try:
+        out = propagate_moments(model, x, differentiable=True)
+    finally:
+        _HEAD_INPUTS.pop()
+    if len(captured) != 1 or captured[0][2] is not out:
+        raise ValueError(
+            "expected_log_likelihood needs the Gaussian head to be the model's last operation, called once"
+        )
+    head, inputs, _ = captured[0]
+    return head.expected_log_likelihood(inputs.mean, inputs.variance_or_zeros(), target)
 
 
 def moment_samples(
@@ -446,17 +502,21 @@ _WEIGHT_MOMENTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, tuple[Tensor,
 
 
 def _weight_moments(module: BayesianWeightLayer) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``(sigma_W^2, sigma_b^2 or None, mu_W^2)`` of a Bayesian layer, cached per parameter version."""
+    """``(sigma_W^2, sigma_b^2 or None, mu_W^2)`` of a Bayesian layer, cached per parameter version
+    (not while recording gradients: training needs them fresh and differentiable)."""
     params = [p for pair in module._mu_rho_pairs() for p in pair]
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return _fresh_weight_moments(module)
     key = tuple((id(p), p._version) for p in params)
     entry = _WEIGHT_MOMENTS.get(module)
     if entry is None or entry[0] != key:
-        bias_variance = module.posterior_sigma("bias").square() if module.bias_mu is not None else None
-        entry = _WEIGHT_MOMENTS[module] = (
-            key,
-            (module.posterior_sigma("weight").square(), bias_variance, module.weight_mu.square()),
-        )
+        entry = _WEIGHT_MOMENTS[module] = (key, _fresh_weight_moments(module))
     return entry[1]
+
+
+def _fresh_weight_moments(module: BayesianWeightLayer) -> tuple[Tensor, Tensor | None, Tensor]:
+    bias_variance = module.posterior_sigma("bias").square() if module.bias_mu is not None else None
+    return module.posterior_sigma("weight").square(), bias_variance, module.weight_mu.square()
 
 
 @register_moment_rule(BayesianWeightLayer)
@@ -504,6 +564,38 @@ def _batch_norm(module: nn.modules.batchnorm._BatchNorm, x: Moments) -> Moments:
         scale = scale * module.weight
     shape = (-1,) + (1,) * (x.mean.dim() - 2)
     return Moments(mean, x.variance * scale.square().view(shape))
+
+
+# ----------------------------------------------------------------------------- likelihood heads
+# While expected_log_likelihood runs, the heads' rules record (head, input, output) here.
+_HEAD_INPUTS: list[list[tuple[GaussianLikelihood, Moments, Moments]]] = []
+
+
+@register_moment_rule(GaussianLikelihood)
+def _gaussian_head(module: GaussianLikelihood, x: Moments) -> Moments:
+    """The means pass through; the log-variance is moment-matched: log-normal with the
+    exact mean and variance of the predicted variance (so ``E[exp(l)]``, what regression
+    prediction reads, is exact), by quadrature over the raw input for the heteroscedastic head."""
+    module._check_input(x.mean)
+    width = module.out_features
+    if isinstance(module, HomoscedasticGaussian):
+        mean, variance = x.mean, x.variance
+        log_variance = Moments(torch.log(module.variance).expand_as(x.mean))
+    elif isinstance(module, HeteroscedasticGaussian):
+        mean, raw = x.mean.split(width, dim=-1)
+        variance, raw_variance = (None, None) if x.variance is None else x.variance.split(width, dim=-1)
+        if raw_variance is None or _HEAD_INPUTS:  # (training reads the head's input, not this)
+            log_variance = Moments(torch.log(module.variance_of(raw)))
+        else:
+            noise = _quadrature(module.variance_of, Moments(raw, raw_variance))
+            spread = torch.log1p(noise.variance_or_zeros() / noise.mean.square())  # lognormal sigma^2
+            log_variance = Moments(torch.log(noise.mean) - spread / 2, spread)
+    else:
+        raise _unsupported(f"Gaussian head {type(module).__qualname__} (register a moment rule for it)")
+    out = _joining(torch.cat)([Moments(mean, variance), log_variance], -1)
+    if _HEAD_INPUTS:
+        _HEAD_INPUTS[-1].append((module, x, out))
+    return out
 
 
 # ----------------------------------------------------------------------------- shapes, sums
@@ -872,12 +964,26 @@ def _relu_parts(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor, Tensor]
     every fresh activation-sized allocation costs page faults on the CPU. Where the variance
     is 0, ``a`` is +-inf (or 0 for a zero mean), which every step below handles.
     """
+    if torch.is_grad_enabled() and (mean.requires_grad or variance.requires_grad):
+        return _relu_parts_differentiable(mean, variance)
     scaled_std = torch.mul(variance, 2.0).sqrt_().clamp_min_(torch.finfo(variance.dtype).tiny)  # s sqrt 2
     b = torch.div(mean, scaled_std)  # a / sqrt 2
     tail = torch.erfc(b)  # 2 Phi(-a)
     minus_density = b.square_().neg_().exp_().mul_(scaled_std).mul_(-0.5 / math.sqrt(math.pi))  # -s phi(a)
     remainder = torch.addcmul(minus_density, mean, tail, value=0.5)  # m Phi(-a) - s phi(a)
     return tail, torch.sub(mean, remainder), remainder
+
+
+def _relu_parts_differentiable(mean: Tensor, variance: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_relu_parts` without in-place steps, for autograd (sampling-free training).
+
+    The floor on the std keeps ``a`` finite where the variance is 0 (its gradient too)."""
+    scaled_std = (2.0 * variance).clamp_min(torch.finfo(variance.dtype).tiny).sqrt()
+    b = mean / scaled_std
+    tail = torch.erfc(b)
+    minus_density = torch.exp(-b.square()) * scaled_std * (-0.5 / math.sqrt(math.pi))
+    remainder = minus_density + 0.5 * mean * tail
+    return tail, mean - remainder, remainder
 
 
 def _leaky_relu(x: Moments, negative_slope: float = 0.0) -> Moments:
@@ -889,6 +995,8 @@ def _leaky_relu(x: Moments, negative_slope: float = 0.0) -> Moments:
     if x.variance is None:
         return Moments(F.leaky_relu(x.mean, negative_slope))
     tail, expectation, remainder = _relu_parts(x.mean, x.variance)
+    if negative_slope == 0.0 and torch.is_grad_enabled() and expectation.requires_grad:  # autograd: no in-place
+        return Moments(expectation, (x.variance * (1 - 0.5 * tail) + expectation * remainder).clamp_min(0.0))
     # v Phi(a) + E (m - E), with Phi(a) = 1 - tail / 2
     relu_variance = torch.addcmul(x.variance, x.variance, tail, value=-0.5).addcmul_(expectation, remainder)
     relu_variance.clamp_min_(0.0)
@@ -928,19 +1036,13 @@ def _leaky_relu_function(x: Moments, negative_slope: float = 0.01, inplace: bool
     return _leaky_relu(x, negative_slope)
 
 
-_NODES_CACHE: dict[int, tuple[list[float], list[float]]] = {}
-
-
 def _quadrature(fn: Callable[[Tensor], Tensor], x: Moments) -> Moments:
     """``E[f(x)]`` and ``Var[f(x)]`` by Gauss-Hermite quadrature with :data:`QUADRATURE_NODES`
     nodes. The variance is accumulated around ``f(mean)`` to avoid cancellation."""
     if x.variance is None:
         return Moments(fn(x.mean))
-    key = QUADRATURE_NODES
-    if key not in _NODES_CACHE:
-        points, masses = np.polynomial.hermite.hermgauss(QUADRATURE_NODES)
-        _NODES_CACHE[key] = ((points * math.sqrt(2.0)).tolist(), (masses / math.sqrt(math.pi)).tolist())
-    nodes, weights = _NODES_CACHE[key]
+    points, masses = _standard_normal_nodes(QUADRATURE_NODES)
+    nodes, weights = points.tolist(), masses.tolist()
     std = x.variance.sqrt()
     center = fn(x.mean)
     shift = torch.zeros_like(center)  # E[f - f(m)]
