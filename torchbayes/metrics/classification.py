@@ -18,6 +18,7 @@ OOD detection (:func:`ood_auroc`, :func:`ood_aupr`) uses torchmetrics (extra ``m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -35,10 +36,13 @@ __all__ = [
     "calibration_bins",
     "expected_calibration_error",
     "maximum_calibration_error",
+    "classwise_calibration_error",
+    "smooth_calibration_error",
     "ood_auroc",
     "ood_aupr",
     "risk_coverage_curve",
     "area_under_risk_coverage",
+    "selective_risk",
     "referral_curve",
 ]
 
@@ -230,22 +234,27 @@ def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int = 15, *, adaptiv
     _check_n_bins(n_bins, "calibration_bins")
     check_flag("adaptive", adaptive)
     confidence, correct = _confidence_and_correct(probs, labels, "calibration_bins")
+    return _bins(confidence, correct, n_bins, adaptive)
+
+
+def _bins(confidence: Tensor, correct: Tensor, n_bins: int, adaptive: bool) -> CalibrationBins:
+    """Bin predicted probabilities ``confidence`` ``(N,)`` of events ``correct`` ``(N,)`` bools."""
     n = confidence.shape[0]
     if adaptive:
         confidence, order = confidence.sort()
         correct = correct[order]
-        bin_index = torch.arange(n, device=probs.device) * n_bins // n
+        bin_index = torch.arange(n, device=confidence.device) * n_bins // n
         # Inner edge b is the first confidence of bin b (index ceil(b N / M)); 1 if empty.
-        starts = (torch.arange(1, n_bins, device=probs.device) * n + n_bins - 1) // n_bins
+        starts = (torch.arange(1, n_bins, device=confidence.device) * n + n_bins - 1) // n_bins
         inner = torch.cat([confidence, confidence.new_ones(1)])[starts]
         edges = torch.cat([confidence.new_zeros(1), inner, confidence.new_ones(1)])
     else:
-        edges = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype, device=probs.device)
+        edges = torch.linspace(0, 1, n_bins + 1, dtype=confidence.dtype, device=confidence.device)
         # right=False: a confidence equal to edge b goes to the bin that edge closes.
         bin_index = torch.bucketize(confidence, edges[1:-1], right=False)
-    counts = torch.zeros(n_bins, dtype=probs.dtype, device=probs.device)
+    counts = torch.zeros(n_bins, dtype=confidence.dtype, device=confidence.device)
     counts.index_add_(0, bin_index, torch.ones_like(confidence))
-    sum_correct = torch.zeros_like(counts).index_add_(0, bin_index, correct.to(probs.dtype))
+    sum_correct = torch.zeros_like(counts).index_add_(0, bin_index, correct.to(confidence.dtype))
     sum_confidence = torch.zeros_like(counts).index_add_(0, bin_index, confidence)
     safe_counts = counts.clamp_min(1)
     return CalibrationBins(edges, counts, sum_correct / safe_counts, sum_confidence / safe_counts)
@@ -278,6 +287,101 @@ def maximum_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15, *
         >>> maximum_calibration_error(torch.softmax(logits, -1), y, n_bins=10)
     """
     return calibration_bins(probs, labels, n_bins, adaptive=adaptive).maximum_calibration_error
+
+
+def classwise_calibration_error(probs: Tensor, labels: Tensor, n_bins: int = 15, *, adaptive: bool = False) -> Tensor:
+    """Classwise ECE (Kull et al. 2019): the binned calibration error of every class's
+    probability, not only the top one's, averaged over classes.
+
+    ``(1/C) sum_c sum_b (n_cb / N) |freq_cb - mean p_c in bin b|``, where ``freq_cb`` is
+    the fraction of the bin's examples labelled ``c``. Per class it is torchmetrics'
+    ``binary_calibration_error`` of ``probs[:, c]`` against ``labels == c`` (bins as in
+    `calibration_bins`).
+
+    Args:
+        probs: ``(N, C)`` predictive probabilities.
+        labels: ``(N,)`` class indices.
+        n_bins: bins per class.
+        adaptive: equal-mass instead of equal-width bins.
+
+    Returns:
+        0-D tensor in ``[0, 1]``.
+
+    Example:
+        >>> classwise_calibration_error(result.mean, y_test)
+    """
+    _check_n_bins(n_bins, "classwise_calibration_error")
+    check_flag("adaptive", adaptive)
+    _check_probs(probs, labels, "classwise_calibration_error")
+    errors = [
+        _bins(probs[:, c].contiguous(), labels == c, n_bins, adaptive).expected_calibration_error
+        for c in range(probs.shape[1])
+    ]
+    return torch.stack(errors).mean()
+
+
+def _reflected_gaussian(t: Tensor, f: Tensor, sigma: float) -> Tensor:
+    """``(M, N)`` Gaussian kernel of width ``sigma`` on ``[0, 1]`` reflected at 0 and 1 (its
+    mass stays in the interval): ``phi(t - f) + phi(t + f) + phi(t - 2 + f)``."""
+    t, f = t.unsqueeze(1), f.unsqueeze(0)
+    scale = 1 / (math.sqrt(2 * math.pi) * sigma)
+    return scale * sum(torch.exp(-0.5 * ((t - c) / sigma) ** 2) for c in (f, -f, 2 - f))  # type: ignore[return-value]
+
+
+def _smooth_ece_at(confidence: Tensor, residual: Tensor, sigma: float, block: int = 4096) -> Tensor:
+    """``int |sum_i K(t, f_i) r_i| dt / int sum_i K(t, f_i) dt`` on a mesh of ``[0, 1]``."""
+    t = torch.linspace(0, 1, max(200, round(10 / sigma)), dtype=confidence.dtype, device=confidence.device)
+    smoothed = torch.zeros_like(t)
+    density = torch.zeros_like(t)
+    for first in range(0, confidence.shape[0], block):  # bounded (M, block) kernels
+        kernel = _reflected_gaussian(t, confidence[first : first + block], sigma)
+        smoothed += kernel @ residual[first : first + block]
+        density += kernel.sum(1)
+    return smoothed.abs().sum() / density.sum()
+
+
+def smooth_calibration_error(probs: Tensor, labels: Tensor, bandwidth: float | None = None) -> Tensor:
+    """SmoothECE (Blasiok and Nakkiran 2023): the calibration error of top-class
+    confidence with kernel smoothing instead of bins.
+
+    ``smECE_s = int_0^1 |(1/N) sum_i K_s(t, f_i)(y_i - f_i)| dt`` with ``f_i`` the
+    confidence, ``y_i`` whether the prediction is right and ``K_s`` a Gaussian kernel of
+    width ``s`` reflected at 0 and 1. Without a ``bandwidth`` the paper's choice is used:
+    the fixed point ``s* = smECE_{s*}`` (found by bisection to ``2**-16``), which makes
+    the measure consistent and free of a bin count. The integral is a mean over a mesh of
+    ``max(200, 10 / s)`` points normalised by the kernels' own mass, as in the authors'
+    ``relplot`` package (which also rounds the confidences to a grid: the two agree to
+    about ``1e-3``).
+
+    Args:
+        probs: ``(N, C)`` predictive probabilities.
+        labels: ``(N,)`` class indices.
+        bandwidth: the kernel width ``s`` in ``(0, 1]``, or ``None`` for ``s*``.
+
+    Returns:
+        0-D float64 tensor in ``[0, 1]``.
+
+    Example:
+        >>> smooth_calibration_error(result.mean, y_test)
+    """
+    confidence, correct = _confidence_and_correct(probs, labels, "smooth_calibration_error")
+    wide = _wide_dtype(probs.device)
+    confidence = confidence.to(wide)
+    residual = correct.to(wide) - confidence
+    if bandwidth is not None:
+        if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not 0 < bandwidth <= 1:
+            raise ValueError(f"smooth_calibration_error: bandwidth must be in (0, 1] or None, got {bandwidth!r}")
+        return _smooth_ece_at(confidence, residual, float(bandwidth))
+    if float(_smooth_ece_at(confidence, residual, 1.0)) >= 1.0:
+        return _smooth_ece_at(confidence, residual, 1.0)
+    low, high = 0.0, 1.0  # smECE_s - s falls as s grows: s* is where it crosses 0
+    for _ in range(16):
+        mid = (low + high) / 2
+        if mid < 1e-3 or mid < float(_smooth_ece_at(confidence, residual, mid)):
+            low = mid
+        else:
+            high = mid
+    return _smooth_ece_at(confidence, residual, high)
 
 
 def _ood_scores(in_scores: Tensor, out_scores: Tensor, caller: str) -> tuple[Tensor, Tensor]:
@@ -406,6 +510,30 @@ def area_under_risk_coverage(uncertainty: Tensor, correct: Tensor) -> Tensor:
     """
     _, risk = risk_coverage_curve(uncertainty, correct)
     return risk.mean()
+
+
+def selective_risk(uncertainty: Tensor, correct: Tensor, coverage: float) -> Tensor:
+    """Error rate on the ``ceil(coverage N)`` most certain inputs: the risk of answering only
+    a fixed fraction (e.g. 80% as in torch-uncertainty's "risk at 80% coverage").
+
+    Ties in ``uncertainty`` as in `risk_coverage_curve` (the expectation over their order).
+
+    Args:
+        uncertainty: ``(N,)`` uncertainty scores.
+        correct: ``(N,)`` bools, whether each prediction is right.
+        coverage: the fraction answered, in ``(0, 1]``.
+
+    Returns:
+        0-D float64 tensor in ``[0, 1]``.
+
+    Example:
+        >>> selective_risk(entropy, probs.argmax(1) == y, 0.8)
+    """
+    if isinstance(coverage, bool) or not isinstance(coverage, (int, float)) or not 0 < coverage <= 1:
+        raise ValueError(f"selective_risk: coverage must be in (0, 1], got {coverage!r}")
+    _, risk = risk_coverage_curve(uncertainty, correct)
+    n = risk.numel()
+    return risk[max(1, math.ceil(coverage * n - 1e-9)) - 1]
 
 
 def referral_curve(uncertainty: Tensor, correct: Tensor, fractions: Sequence[float] | Tensor) -> Tensor:
