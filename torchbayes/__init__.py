@@ -6,7 +6,7 @@ from torchbayes.calibration import TemperatureScaling
 from torchbayes.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, rebuild, save_checkpoint
 from torchbayes.conversion import bnn_to_dnn, conversion_history, dnn_to_bnn, moped, register_conversion
 from torchbayes.distributed import ModelWithKL, seed_per_rank
-from torchbayes.elbo import elbo_loss, get_kl_loss, kl_divergence
+from torchbayes.elbo import elbo_loss, get_kl_loss, kl_divergence, regression_elbo_loss
 from torchbayes.ensemble import Ensemble, fit_ensemble
 from torchbayes.export import export_onnx, export_program
 from torchbayes.interchange import load_reference_state_dict, reference_state_dict
@@ -47,6 +47,7 @@ __all__ = [
     "GaussianPrior",
     "ScaleMixturePrior",
     "elbo_loss",
+    "regression_elbo_loss",
     "Ensemble",
     "fit_ensemble",
     "get_kl_loss",

@@ -105,7 +105,7 @@ def regression_elbo_loss(
     """Negative ELBO per example of a model ending in a Gaussian head (`torchbayes.nn.likelihoods`).
 
     The expected negative log-likelihood term is estimated in one of two ways; the KL
-    term and the scaling are :func:`elbo_loss`'s:
+    term and the scaling are `elbo_loss`'s:
 
     - ``"mc"``: one forward pass of ``model`` (its Bayesian layers sample weights, as in
       training), scored by the head's Gaussian log-likelihood;

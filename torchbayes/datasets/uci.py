@@ -19,7 +19,7 @@ training split's mean and standard deviation (population std; a constant input c
 keeps std 1), and test RMSE and log-likelihood are reported in the target's ORIGINAL
 units: multiply predicted means and standard deviations by ``y_std`` (and add
 ``y_mean``), or, equivalently for the log-likelihood, subtract ``log(y_std)`` from a
-log density computed in standardised units (:meth:`UCISplit.original_log_likelihood`).
+log density computed in standardised units (`UCISplit.original_log_likelihood`).
 """
 
 from __future__ import annotations
@@ -104,13 +104,17 @@ def _read_numbers(path: Path) -> np.ndarray:
     try:
         with path.open(encoding="utf-8") as handle:
             rows = [line.split() for line in handle if line.strip()]
+        if len({len(row) for row in rows}) > 1:
+            raise ValueError(f"{str(path)!r} has rows of different lengths")
         array = np.array([[float(v) for v in row] for row in rows], dtype=np.float64)
-    except (ValueError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not a text file ({error})") from None
+    except ValueError as error:
+        if "rows of different lengths" in str(error):
+            raise
         raise ValueError(f"{str(path)!r} holds something that is not a number ({error})") from None
     if array.size == 0:
         raise ValueError(f"{str(path)!r} is empty")
-    if len({len(row) for row in rows}) > 1:
-        raise ValueError(f"{str(path)!r} has rows of different lengths")
     return array
 
 
@@ -153,7 +157,7 @@ def load_uci(
     """Load standard split ``split`` of UCI data set ``name``, standardised on its training part.
 
     Args:
-        name: the data set's folder, e.g. ``"bostonHousing"`` (see :data:`UCI_DATASETS`).
+        name: the data set's folder, e.g. ``"bostonHousing"`` (see `UCI_DATASETS`).
         root: the folder holding the data set folders (never downloaded).
         split: ``0 <= split < n_splits``.
         validation_fraction: if given (in ``(0, 1)``), the test rows are not used: this
@@ -165,7 +169,7 @@ def load_uci(
         dtype: the floating dtype of the returned tensors.
 
     Returns:
-        :class:`UCISplit`; targets have shape ``(N, 1)`` (a single-output regression).
+        `UCISplit`; targets have shape ``(N, 1)`` (a single-output regression).
 
     Raises:
         FileNotFoundError: ``root``, the data set or one of its files is missing.

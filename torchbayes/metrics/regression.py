@@ -7,14 +7,14 @@ mixture of ``S`` equally weighted Gaussians; ``S = 1`` for a single Gaussian), a
 in `torchbayes.prediction.gaussian_mixture` (one implementation for predictions and
 metrics). Metrics return a 0-D tensor (``reduction="mean"``) or one value per example.
 
-- :func:`rmse`;
-- :func:`gaussian_log_likelihood`, :func:`mixture_log_likelihood`: the average test
+- `rmse`;
+- `gaussian_log_likelihood`, `mixture_log_likelihood`: the average test
   log-likelihood of the UCI tables (in nats; in the target's units);
-- :func:`interval_coverage`, :func:`interval_width`: of central prediction intervals;
-- :func:`regression_calibration_curve`, :func:`regression_calibration_error`: quantile
+- `interval_coverage`, `interval_width`: of central prediction intervals;
+- `regression_calibration_curve`, `regression_calibration_error`: quantile
   calibration from the probability integral transform (PIT) ``F(y)`` of each target
   (Kuleshov et al. 2018: a calibrated model has ``P(F(Y) <= p) = p`` for every ``p``);
-- :func:`crps_gaussian`, :func:`crps_mixture`, :func:`crps_samples`: the continuous
+- `crps_gaussian`, `crps_mixture`, `crps_samples`: the continuous
   ranked probability score (lower is better; in the target's units).
 """
 
@@ -177,7 +177,7 @@ def regression_calibration_error(pit: Tensor, num_levels: int = 19, *, power: in
 
     Args:
         pit: predictive CDF values ``F(y)`` of the targets.
-        num_levels: as for :func:`regression_calibration_curve`.
+        num_levels: as for `regression_calibration_curve`.
         power: 1 or 2.
     """
     if power not in (1, 2):

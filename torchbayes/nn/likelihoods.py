@@ -5,15 +5,15 @@ target, ``p(y | x, w) = N(y; mean(x, w), variance(x, w))``, packed in one output
 ``(..., 2 D)``: ``D`` means followed by ``D`` log-variances. Every head has the same
 output layout, so one log-likelihood, one prediction path and one report serve both:
 
-- :class:`HomoscedasticGaussian`: the network predicts the ``D`` means; the noise
+- `HomoscedasticGaussian`: the network predicts the ``D`` means; the noise
   variance is one learned number per output (a point estimate, ``log_variance``).
-- :class:`HeteroscedasticGaussian`: the network predicts ``2 D`` numbers, the means and
+- `HeteroscedasticGaussian`: the network predicts ``2 D`` numbers, the means and
   raw variances; ``variance = softplus(raw) + min_variance`` (positive, bounded away
   from 0 so that the likelihood cannot diverge on a point fitted exactly).
 
 They differ only where the math differs: how the variance is parametrised
-(:meth:`GaussianLikelihood.forward`) and the closed-form expected log-likelihood under
-Gaussian uncertainty about the head's input (:meth:`GaussianLikelihood.expected_log_likelihood`,
+(`GaussianLikelihood.forward`) and the closed-form expected log-likelihood under
+Gaussian uncertainty about the head's input (`GaussianLikelihood.expected_log_likelihood`,
 the sampling-free objective of Wu et al. 2019, "Deterministic Variational Inference for
 Robust Bayesian Neural Networks"). `torchbayes.predict` recognises a head inside a model,
 so ``predict(model, x, task="regression")`` needs no ``output_variance``.
@@ -32,7 +32,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 __all__ = ["GaussianLikelihood", "HeteroscedasticGaussian", "HomoscedasticGaussian", "find_likelihood"]
 
@@ -60,8 +60,8 @@ def _quadrature_points(mean: Tensor, variance: Tensor, nodes: int) -> tuple[Tens
 class GaussianLikelihood(nn.Module):
     r"""Base class of Gaussian heads: ``(..., F) -> (..., 2 D)`` means then log-variances.
 
-    A subclass defines :meth:`forward` (how the variance is parametrised) and
-    :meth:`expected_log_likelihood` (its closed form under Gaussian input uncertainty);
+    A subclass defines `forward` (how the variance is parametrised) and
+    `expected_log_likelihood` (its closed form under Gaussian input uncertainty);
     the log-likelihood, its split and the checks are shared.
 
     Args:
@@ -103,6 +103,8 @@ class GaussianLikelihood(nn.Module):
         raise NotImplementedError
 
     def _check_input(self, features: Tensor) -> None:
+        if isinstance(features, fx.Proxy):  # traced by torch.fx (prediction's graph split): shapes unknown
+            return
         if not isinstance(features, Tensor) or features.dim() < 1 or features.shape[-1] != self.in_features:
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             raise ValueError(

@@ -23,7 +23,7 @@ from torch import Tensor
 __all__ = ["mixture_cdf", "mixture_crps", "mixture_log_prob", "mixture_quantile", "sample_crps"]
 
 _SQRT2 = math.sqrt(2.0)
-#: Bisection steps of :func:`mixture_quantile`: the bracket shrinks by 2**-60, below float64's resolution.
+#: Bisection steps of `mixture_quantile`: the bracket shrinks by 2**-60, below float64's resolution.
 BISECTION_STEPS = 60
 
 
@@ -76,7 +76,7 @@ def mixture_quantile(means: Tensor, variances: Tensor, q: float | Tensor) -> Ten
 
     The quantile lies between the smallest and the largest component quantile (the
     mixture CDF is their average), so bisection on that bracket converges to it; after
-    :data:`BISECTION_STEPS` halvings the bracket is below the dtype's resolution.
+    `BISECTION_STEPS` halvings the bracket is below the dtype's resolution.
 
     Args:
         means: ``(S, B, D)``.

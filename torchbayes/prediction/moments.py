@@ -285,7 +285,7 @@ def propagate_moments(model: nn.Module, x: Tensor, *, differentiable: bool = Fal
             values), made of modules and functions that have moment rules.
         x: the input batch, known exactly.
         differentiable: record the autograd graph, so that a loss of the moments trains
-            the posterior (sampling-free training, :func:`expected_log_likelihood`). The
+            the posterior (sampling-free training, `expected_log_likelihood`). The
             rules of linear and convolutional layers, ReLU, sums, reshapes and the
             Gaussian heads then avoid in-place steps; other rules may not support it.
 
@@ -318,8 +318,8 @@ def expected_log_likelihood(model: nn.Module, x: Tensor, target: Tensor) -> Tens
     """``E_q[log p(target | x, w)]`` per example, in closed form: sampling-free training.
 
     The moments of the input of the model's Gaussian head
-    (:class:`~torchbayes.nn.likelihoods.GaussianLikelihood`, the model's last operation)
-    are propagated through the network (:func:`propagate_moments`, differentiable), and
+    (`torchbayes.nn.likelihoods.GaussianLikelihood`, the model's last operation)
+    are propagated through the network (`propagate_moments`, differentiable), and
     the head's closed form gives the expected Gaussian log-likelihood (Wu et al. 2019,
     with diagonal covariances). No weights are sampled, so the objective has no Monte
     Carlo noise. With `torchbayes.elbo_loss` it is the sampling-free ELBO; the model is
