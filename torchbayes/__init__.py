@@ -1,6 +1,6 @@
 """torchbayes: Bayesian deep learning and uncertainty quantification on PyTorch."""
 
-from torchbayes import avuc, calibration, layers, metrics, nn, priors, quantization
+from torchbayes import avuc, calibration, layers, metrics, nn, optim, priors, quantization
 from torchbayes.avuc import AUAvULoss, AvULoss, accuracy_vs_uncertainty, eval_avu
 from torchbayes.calibration import TemperatureScaling
 from torchbayes.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, rebuild, save_checkpoint
@@ -54,6 +54,7 @@ __all__ = [
     "kl_divergence",
     "layers",
     "nn",
+    "optim",
     "noise_generator",
     "posterior_mean",
     "priors",
