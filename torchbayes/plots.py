@@ -19,7 +19,16 @@ from torchbayes.metrics import calibration_bins, referral_curve, risk_coverage_c
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-__all__ = ["reliability_diagram", "uncertainty_histogram", "risk_coverage_plot", "referral_plot"]
+__all__ = [
+    "reliability_diagram",
+    "uncertainty_histogram",
+    "risk_coverage_plot",
+    "referral_plot",
+    "coverage_calibration_plot",
+    "prediction_interval_plot",
+    "error_uncertainty_plot",
+    "set_size_plot",
+]
 
 
 def _new_figure(figsize: tuple[float, float]) -> Figure:
@@ -243,6 +252,174 @@ def referral_plot(
         xlim=(float(x.min()), float(x.max())),
         xlabel="cases referred (%)",
         ylabel="accuracy on the kept cases",
+        title=title,
+    )
+    ax.legend(fontsize="small")
+    return _finish(fig, path)
+
+
+def coverage_calibration_plot(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    title: str = "Calibration of the prediction intervals",
+    path: str | os.PathLike[str] | None = None,
+) -> Figure:
+    """Observed against expected coverage of central prediction intervals (regression).
+
+    A calibrated model's ``p`` intervals hold a share ``p`` of the targets: its curve
+    follows the diagonal; below it the intervals are too narrow (overconfident).
+
+    Args:
+        curves: per label, ``(levels, observed)``: nominal levels in (0, 1) and the share of
+            targets inside the intervals of each level.
+        title: the figure's title.
+        path: if given, a PNG is written there.
+
+    Returns:
+        The figure.
+
+    Example:
+        >>> coverage_calibration_plot({"ensemble": ([0.5, 0.9], [0.47, 0.86])}, path="calibration.png")
+    """
+    fig = _new_figure((5.0, 5.0))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="calibrated")
+    for label, (levels, observed) in curves.items():
+        ax.plot(list(levels), list(observed), marker="o", markersize=3, label=label)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="expected coverage (interval level)", ylabel="observed coverage")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize="small")
+    return _finish(fig, path)
+
+
+def prediction_interval_plot(
+    target: Tensor,
+    mean: Tensor,
+    lower: Tensor,
+    upper: Tensor,
+    *,
+    level: float = 0.9,
+    title: str = "Predicted against true",
+    path: str | os.PathLike[str] | None = None,
+) -> Figure:
+    """Predicted means against true values, with each prediction's central interval.
+
+    Points whose interval misses the diagonal (the true value) are drawn in red.
+
+    Args:
+        target: ``(N,)`` true values.
+        mean: ``(N,)`` predictive means.
+        lower: ``(N,)`` lower interval bounds.
+        upper: ``(N,)`` upper interval bounds.
+        level: the intervals' probability (for the legend).
+        title: the figure's title.
+        path: if given, a PNG is written there.
+
+    Returns:
+        The figure.
+    """
+    y, m, lo, hi = (t.detach().cpu().double().flatten().numpy() for t in (target, mean, lower, upper))
+    inside = (lo <= y) & (y <= hi)
+    fig = _new_figure((5.0, 5.0))
+    ax = fig.subplots()
+    for mask, color, label in ((inside, "tab:blue", "interval holds the truth"), (~inside, "tab:red", "misses it")):
+        if mask.any():
+            ax.errorbar(
+                y[mask],
+                m[mask],
+                yerr=[m[mask] - lo[mask], hi[mask] - m[mask]],
+                fmt="o",
+                markersize=2.5,
+                elinewidth=0.6,
+                alpha=0.7,
+                color=color,
+                label=label,
+            )
+    low, high = float(min(y.min(), lo.min())), float(max(y.max(), hi.max()))
+    ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="true value", ylabel=f"predicted mean and {100 * level:.0f}% interval")
+    ax.set_title(f"{title} ({100 * float(inside.mean()):.1f}% covered)")
+    ax.legend(loc="upper left", fontsize="small")
+    return _finish(fig, path)
+
+
+def error_uncertainty_plot(
+    target: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    *,
+    title: str = "Error against predicted uncertainty",
+    path: str | os.PathLike[str] | None = None,
+) -> Figure:
+    """Absolute error against the predicted standard deviation, one point per example.
+
+    A model whose uncertainty means something makes larger errors where it predicts a
+    larger spread; the dashed line ``|error| = 1.645 std`` bounds 90% of the errors of a
+    calibrated Gaussian prediction.
+
+    Args:
+        target: ``(N,)`` true values.
+        mean: ``(N,)`` predictive means.
+        std: ``(N,)`` predictive standard deviations.
+        title: the figure's title.
+        path: if given, a PNG is written there.
+
+    Returns:
+        The figure.
+    """
+    y, m, s = (t.detach().cpu().double().flatten().numpy() for t in (target, mean, std))
+    error = abs(y - m)
+    fig = _new_figure((5.0, 5.0))
+    ax = fig.subplots()
+    ax.scatter(s, error, s=6, alpha=0.6, color="tab:blue")
+    top = float(s.max()) if len(s) else 1.0
+    ax.plot([0, top], [0, 1.645 * top], color="grey", linestyle="--", linewidth=1, label="90% of a calibrated Gaussian")
+    ax.set(xlabel="predicted standard deviation", ylabel="absolute error", xlim=(0, None), ylim=(0, None))
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize="small")
+    return _finish(fig, path)
+
+
+def set_size_plot(
+    curves: Mapping[str, Sequence[float]],
+    *,
+    quantity: str = "mean set size",
+    uncertainty: str = "predictive entropy",
+    title: str = "Conformal set size against uncertainty",
+    path: str | os.PathLike[str] | None = None,
+) -> Figure:
+    """Mean conformal set size (or interval width) per equal-mass bin of predicted uncertainty.
+
+    A model whose uncertainty means something gives small sets where it is sure and
+    large ones where it is not: its curve rises from left to right. The bins are each
+    model's own quantiles (``torchbayes.metrics.size_by_uncertainty``), so models with
+    different uncertainty scales share one axis.
+
+    Args:
+        curves: per legend label, the mean size in each bin, lowest uncertainty first.
+        quantity: the y axis label.
+        uncertainty: what the bins are of (the x axis label).
+        title: the figure's title.
+        path: if given, a PNG is written there.
+
+    Returns:
+        The figure.
+
+    Example:
+        >>> set_size_plot({"Bayesian, APS": strata.size.tolist()}, path="conformal-size.png")
+    """
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError("set_size_plot: curves must be a non-empty mapping label -> sizes per bin")
+    fig = _new_figure((5.5, 4.0))
+    ax = fig.subplots()
+    for i, (label, sizes) in enumerate(curves.items()):
+        values = [float("nan") if v is None else float(v) for v in sizes]
+        ax.plot(range(1, len(values) + 1), values, color=f"C{i}", marker="o", label=label)
+    bins = max(len(v) for v in curves.values())
+    ax.set(
+        xticks=list(range(1, bins + 1)),
+        xlabel=f"{uncertainty}: equal-mass bin (1 = most certain)",
+        ylabel=quantity,
         title=title,
     )
     ax.legend(fontsize="small")
