@@ -30,10 +30,18 @@ from torchbayes.prediction.results import (
     RegressionPrediction,
     summarize,
 )
-from torchbayes.prediction.sampling import default_chunk_size, draw_samples
+from torchbayes.prediction.sampling import default_chunk_size, draw_samples, whole_model_reason
 from torchbayes.validation import check_flag, seeded_generator
 
-__all__ = ["ClassificationPrediction", "Prediction", "RegressionPrediction", "dropout_modules", "predict", "summarize"]
+__all__ = [
+    "ClassificationPrediction",
+    "Prediction",
+    "RegressionPrediction",
+    "dropout_modules",
+    "predict",
+    "summarize",
+    "whole_model_reason",
+]
 
 METHODS = ("mc", "moments")
 TASKS = ("classification", "regression")
@@ -73,10 +81,13 @@ def predict(
     Deterministic work runs once: ``forward`` is traced with :mod:`torch.fx` and what
     does not depend on a draw (everything before the first Bayesian layer or active
     dropout, and branches still identical across samples) runs once on ``x``; only the
-    rest runs per sample (see :mod:`torchbayes.prediction.graph`). The whole model runs
-    per sample instead, still exactly, when ``forward`` cannot be traced (control flow
-    on tensor values, ``len(x)``...), when a module traced through has forward hooks, or
-    when a value computed once does not keep one row per example in dim 0.
+    rest runs per sample (see :mod:`torchbayes.prediction.graph`); shape queries such as
+    ``x.shape[0]`` are answered with B rows there and with S x B rows after the cut. The
+    whole model runs in every pass instead, still exactly, where the split would not be
+    (``forward`` cannot be traced, in-place writes across the cut, a value computed once
+    without one row per example in dim 0), and one sample per pass where a tiled batch
+    would share a draw (Python or NumPy randomness, ``torch.randn(8)``, hooks);
+    `torchbayes.prediction.whole_model_reason` says which and why.
 
     Args:
         model: a module containing torchbayes Bayesian layers; examples must be
