@@ -291,7 +291,15 @@ def test_cross_conformal_sets_equal_the_definition():
 
 
 # ----------------------------------------------------------------------------- the guarantee
-@pytest.mark.parametrize("cls", [LAC, APS, RAPS])
+def _randomized_aps(alpha: float) -> APS:
+    return APS(alpha, randomized=True, seed=3)
+
+
+def _randomized_raps(alpha: float) -> RAPS:
+    return RAPS(alpha, randomized=True, seed=4)
+
+
+@pytest.mark.parametrize("cls", [LAC, APS, RAPS, _randomized_aps, _randomized_raps])
 def test_classification_coverage_guarantee(cls):
     """Mean coverage over 200 random calibration/test splits is in [1 - alpha, 1 - alpha + 1/(n + 1)]
     (exchangeable data, continuous scores). Monte Carlo error of the mean over 200 splits of
@@ -305,8 +313,9 @@ def test_classification_coverage_guarantee(cls):
         predictor = cls(alpha).fit(probs[cal], labels[cal])
         coverages.append(float(metrics.set_coverage(predictor.predict_sets(probs[test]), labels[test])))
     mean = float(np.mean(coverages))
-    # APS/RAPS (non-randomised, last class included) cover more than 1 - alpha: only the lower bound holds.
-    upper = 1 - alpha + 1 / (n_cal + 1) + 0.004 if cls is LAC else 1.0
+    # Non-randomised APS/RAPS cover more than 1 - alpha: only the lower bound holds for them. LAC
+    # and the randomised scores are continuous: coverage is at most 1 - alpha + 1/(n + 1) too.
+    upper = 1 - alpha + 1 / (n_cal + 1) + 0.004 if cls not in (APS, RAPS) else 1.0
     assert 1 - alpha - 0.004 <= mean <= upper
 
 
@@ -412,6 +421,8 @@ def test_labels_and_predictions_are_checked():
         RAPS(0.1, penalty=-1.0)
     with pytest.raises(ValueError, match="k_reg"):
         RAPS(0.1, k_reg=-1)
+    with pytest.raises(ValueError, match="include_last_label=False"):
+        APS(0.1, randomized=True, include_last_label=True)
 
 
 def test_calibration_split_and_folds():

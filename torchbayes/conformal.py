@@ -437,16 +437,31 @@ class APS(ConformalClassifier):
         include_last_label: also take the class whose cumulative mass first passes the
             threshold (MAPIE's ``include_last_label=True``): larger sets, coverage well
             above ``1 - alpha``.
+        randomized: the randomised score of Romano et al. (2020): the true class counts
+            only a uniform fraction ``u`` of its probability (``u ~ U(0, 1)``, one draw per
+            input, for calibration and prediction alike), so coverage is ``1 - alpha`` up
+            to ``1/(n + 1)`` instead of above it; sets can then be empty. A confident
+            network needs it: the non-randomised scores of its correct predictions all sit
+            near 1, and the sets grow to reach them.
+        seed: seed of the uniform draws (``randomized=True``); each call draws anew.
 
     Example:
         >>> APS(0.1).fit(cal_prediction, y_cal).predict_sets(test_prediction)
     """
 
-    def __init__(self, alpha: float = 0.1, *, include_last_label: bool = False) -> None:
+    def __init__(
+        self, alpha: float = 0.1, *, include_last_label: bool = False, randomized: bool = False, seed: int = 0
+    ) -> None:
         super().__init__(alpha)
         if not isinstance(include_last_label, bool):
             raise ValueError(f"include_last_label must be a bool, got {include_last_label!r}")
+        if not isinstance(randomized, bool):
+            raise ValueError(f"randomized must be a bool, got {randomized!r}")
+        if randomized and include_last_label:
+            raise ValueError("randomized sets decide the last class by a uniform draw: give include_last_label=False")
         self.include_last_label = include_last_label
+        self.randomized = randomized
+        self._generator = torch.Generator().manual_seed(seed) if randomized else None
 
     def _penalty(self, num_classes: int, device: torch.device) -> Tensor:
         """Added to the cumulative mass at each rank ``1..C``; zero for APS."""
@@ -458,10 +473,15 @@ class APS(ConformalClassifier):
         return sorted_probs, order, sorted_probs.cumsum(1) + self._penalty(probs.shape[1], probs.device)
 
     def label_scores(self, probs: Tensor) -> Tensor:
-        _, order, ranked = self._sorted_scores(probs)
+        sorted_probs, order, ranked = self._sorted_scores(probs)
+        if self._generator is not None:  # the class itself counts a uniform fraction of its mass
+            u = torch.rand(probs.shape[0], 1, generator=self._generator, dtype=torch.float64).to(probs.device)
+            ranked = ranked - (1 - u) * sorted_probs
         return torch.empty_like(ranked).scatter_(1, order, ranked)
 
     def _sets(self, probs: Tensor, threshold: Tensor) -> Tensor:
+        if self.randomized:  # scores rise with rank for every u: the set is a prefix, no tie rule
+            return super()._sets(probs, threshold)
         sorted_probs, _, ranked = self._sorted_scores(probs)
         if self.include_last_label:  # the last class in the set: the first to reach the threshold
             last = (ranked < threshold - EPSILON).sum(1, keepdim=True).clamp_max(probs.shape[1] - 1)
@@ -488,16 +508,23 @@ class RAPS(APS):
         penalty: ``lambda >= 0`` (the paper's grid: 0.001, 0.01, 0.1, 0.2, 0.5).
         k_reg: number of classes free of penalty, ``>= 0`` (the paper picks the
             ``1 - alpha`` quantile of the true class's rank on held-out data).
-        include_last_label: as for `APS`.
+        include_last_label, randomized, seed: as for `APS`.
 
     Example:
         >>> RAPS(0.1, penalty=0.01, k_reg=2).fit(cal_prediction, y_cal)
     """
 
     def __init__(
-        self, alpha: float = 0.1, *, penalty: float = 0.01, k_reg: int = 1, include_last_label: bool = False
+        self,
+        alpha: float = 0.1,
+        *,
+        penalty: float = 0.01,
+        k_reg: int = 1,
+        include_last_label: bool = False,
+        randomized: bool = False,
+        seed: int = 0,
     ) -> None:
-        super().__init__(alpha, include_last_label=include_last_label)
+        super().__init__(alpha, include_last_label=include_last_label, randomized=randomized, seed=seed)
         if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 <= penalty < math.inf:
             raise ValueError(f"penalty (lambda) must be a finite number >= 0, got {penalty!r}")
         if isinstance(k_reg, bool) or not isinstance(k_reg, int) or k_reg < 0:
@@ -511,6 +538,7 @@ class RAPS(APS):
 
     def extra_repr(self) -> str:
         last = ", include_last_label=True" if self.include_last_label else ""
+        last += ", randomized=True" if self.randomized else ""
         return f"alpha={self.alpha}, penalty={self.penalty}, k_reg={self.k_reg}{last}"
 
 
