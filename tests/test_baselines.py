@@ -13,6 +13,7 @@ from torchbayes import predict
 from torchbayes.cli.models import LeNet5
 from torchbayes.ensemble import Ensemble, fit_ensemble
 from torchbayes.nn import BayesLinear
+from torchbayes.nn.stacked import BLOCK_ROWS
 from torchbayes.uncertainty import entropy_decomposition
 
 # Statistical checks: each z below is ~N(0, 1) under the claim (CLT at S >= 4000); a test
@@ -149,7 +150,7 @@ class _Branching(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.fc(x)
-        return out if float(out.sum()) > 0 else -out
+        return out if float(out.detach().sum()) > 0 else -out
 
 
 def test_loop_fallbacks_give_the_loop_result() -> None:
@@ -163,7 +164,7 @@ def test_loop_fallbacks_give_the_loop_result() -> None:
         with torch.no_grad():
             reference = copy.deepcopy(ensemble).loop_forward(x)
             torch.testing.assert_close(ensemble(x), reference)
-    assert "vmap failed" in (branching.loop_reason() or "")
+    assert "cannot run the members' forward" in (branching.loop_reason() or "")
     assert "vectorized=False" in repr(mixed)
 
 
@@ -229,3 +230,289 @@ def test_bad_input() -> None:
         fit_ensemble(mixed, torch.randn(4, 6), torch.zeros(4, dtype=torch.long), epochs=0)
     with pytest.raises(ValueError, match="same number"):
         fit_ensemble(mixed, torch.randn(4, 6), torch.zeros(3, dtype=torch.long))
+
+
+# ====================================================================== issue 22, section 3 (reliab-ens)
+# Every batched path (the stacked pass on the CPU in eval mode without gradients, vmap
+# with gradients) is compared with the plain loop over the members.
+def _both_paths(ensemble: Ensemble, x: torch.Tensor) -> list[torch.Tensor]:
+    """The ensemble's output on its prediction path (stacked) and its gradient path (vmap)."""
+    ensemble.eval()
+    with torch.no_grad():
+        stacked = ensemble(x)
+    with torch.enable_grad():
+        vmapped = ensemble(x).detach()
+    return [stacked, vmapped]
+
+
+def _assert_equals_loop(ensemble: Ensemble, x: torch.Tensor) -> None:
+    ensemble.eval()
+    with torch.no_grad():
+        loop = ensemble.loop_forward(x)
+    for out in _both_paths(ensemble, x):
+        torch.testing.assert_close(out, loop, rtol=1e-5, atol=1e-5)  # float32 summation order only
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv(x)))
+        h = h + torch.tanh(self.conv2(h))
+        h = self.pool(h)
+        return self.fc(h.view(h.size(0), -1)) * 2.0
+
+
+class _Sequence(nn.Module):
+    """A linear layer on (B, T, F) inputs, then a mean over time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc(x)).flatten(1)
+        return self.out(h.view(h.size(0), 4, 5)[:, 0] + h[:, :5])
+
+
+class _BatchFromInput(nn.Module):
+    """Reshapes with the batch size read from the input: the stacked pass must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.size(0)
+        return self.fc(self.conv(x).view(n, -1))
+
+
+def _trained_batchnorm(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 2)
+            m.bias.data.uniform_(-1, 1)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("build", "shape"),
+    [
+        (lambda: LeNet5((1, 12, 12), 4), (1, 12, 12)),
+        (lambda: LeNet5((1, 12, 12), 4, dropout=0.3), (1, 12, 12)),
+        (lambda: _mlp(dropout=0.2), (6,)),
+        (lambda: _trained_batchnorm(_Residual()), (3, 6, 6)),
+        (_Sequence, (4, 6)),
+        (_BatchFromInput, (1, 6, 6)),
+        (_Branching, (6,)),
+    ],
+    ids=["lenet", "lenet-dropout", "mlp", "residual-bn-grouped", "sequence", "batch-from-input", "branching"],
+)
+@pytest.mark.parametrize("batch", [1, 3, 9])
+def test_every_batched_path_equals_the_loop(build, shape: tuple[int, ...], batch: int) -> None:
+    torch.manual_seed(batch)
+    ensemble = Ensemble([build() for _ in range(3)])
+    _assert_equals_loop(ensemble, torch.randn(batch, *shape))
+    # Refused by the stacked pass (untraceable; a reshape by the input's batch size when the
+    # members run as blocks of one batch): the loop ran, and loop_reason says why.
+    if build is _Branching or (build is _BatchFromInput and batch <= BLOCK_ROWS):
+        assert "stacked pass cannot run" in (ensemble.loop_reason() or "")
+    else:
+        assert ensemble.loop_reason() is None
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["stacked", "vmap"])
+def test_a_wrongly_shaped_input_raises_the_loop_error_and_changes_no_mode(grad: bool) -> None:
+    for ensemble, good, bad in (
+        (Ensemble([_mlp() for _ in range(3)]).eval(), torch.randn(4, 6), torch.randn(4, 5)),
+        (_lenet_ensemble(3), torch.randn(2, 1, 12, 12), torch.randn(2, 3, 12, 12)),
+    ):
+        with torch.set_grad_enabled(grad):
+            ensemble(good)
+            with pytest.raises(RuntimeError, match="shape|size|channels"):
+                ensemble(bad)
+            with pytest.raises(RuntimeError, match="shape|size|channels"):
+                ensemble(bad[:, None])
+        assert ensemble.loop_reason() is None  # still batched: the caller's error is not the members'
+        assert ensemble._vmap_failed is None
+        _assert_equals_loop(ensemble, good)
+
+
+def test_members_changed_after_the_first_call_are_seen() -> None:
+    torch.manual_seed(0)
+    ensemble = Ensemble([_mlp() for _ in range(3)]).eval()
+    x = torch.randn(5, 6)
+    _both_paths(ensemble, x)  # builds every cache
+    for member in ensemble.members:  # a module replaced in every member
+        member[1] = nn.Tanh()
+    _assert_equals_loop(ensemble, x)
+    with torch.no_grad():
+        assert not torch.allclose(ensemble(x), torch.stack([m[2](F.relu(m[0](x))) for m in ensemble.members]))
+    ensemble.members[2][0].weight = nn.Parameter(torch.randn(16, 6))  # a parameter re-bound
+    ensemble.members[0][2].bias = nn.Parameter(torch.zeros(3))
+    _assert_equals_loop(ensemble, x)
+    ensemble.members[1] = _mlp()  # a member replaced
+    _assert_equals_loop(ensemble, x)
+    ensemble.members[1][0].padding = 3  # a setting changed in place in one member: refresh() reads it
+    ensemble.members[1][0].negative_slope = 0.5
+    ensemble.refresh()
+    assert "differs in architecture" in (ensemble.loop_reason() or "")
+
+
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+@pytest.mark.parametrize("where", [0, 2])
+def test_hooks_on_any_member_are_called(kind: str, where: int) -> None:
+    ensemble = Ensemble([_mlp() for _ in range(3)]).eval()
+    x = torch.randn(4, 6)
+    _both_paths(ensemble, x)
+    layer = ensemble.members[where][2]
+    if kind == "forward":
+        handle = layer.register_forward_hook(lambda m, args, out: out + 100.0)
+    else:
+        handle = layer.register_forward_pre_hook(lambda m, args: (args[0] * 0.0,))
+    assert f"forward hooks on members[{where}] ('2')" in (ensemble.loop_reason() or "")
+    for out in _both_paths(ensemble, x):
+        with torch.no_grad():
+            torch.testing.assert_close(out, ensemble.loop_forward(x))
+        hooked = out[where] - (100.0 if kind == "forward" else 0.0)
+        assert (hooked - layer.bias).abs().max() > 1e-3 if kind == "forward" else torch.allclose(
+            hooked, layer.bias.detach().expand_as(hooked)
+        )
+    handle.remove()
+    assert ensemble.loop_reason() is None
+    _assert_equals_loop(ensemble, x)
+
+
+def test_repeated_members_and_fully_shared_parameters_are_refused() -> None:
+    net = _mlp()
+    with pytest.raises(ValueError, match=r"members\[1\] is the same module object as members\[0\].*\[net\] \* M"):
+        Ensemble([net] * 4)
+    with pytest.raises(ValueError, match=r"members\[2\] is the same module object as members\[0\]"):
+        Ensemble([net, _mlp(), net])
+    linear = nn.Linear(6, 3)
+    with pytest.raises(ValueError, match=r"members\[1\] shares all its parameters with members\[0\]"):
+        Ensemble([nn.Sequential(linear), nn.Sequential(linear, nn.ReLU())])
+    ensemble = Ensemble([_mlp(), _mlp()])
+    ensemble.members[1] = ensemble.members[0]  # after construction: refused at the next call
+    with pytest.raises(ValueError, match="same module object"):
+        ensemble(torch.randn(2, 6))
+    # A shared backbone with members' own heads is a valid design: the members disagree.
+    backbone = nn.Linear(6, 8)
+    shared = Ensemble([nn.Sequential(backbone, nn.ReLU(), nn.Linear(8, 3)) for _ in range(3)]).eval()
+    assert "shares parameters with members[0]" in (shared.loop_reason() or "")
+    _assert_equals_loop(shared, torch.randn(4, 6))
+    assert float(predict(shared, torch.randn(4, 6)).mutual_information.min()) > 0
+
+
+class _WithAux(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.fc(x)
+        return out, out.detach().abs().mean()
+
+
+def test_members_returning_tuples_are_read_from_the_first_element() -> None:
+    ensemble = Ensemble([_WithAux() for _ in range(3)])
+    x = torch.randn(4, 6)
+    _assert_equals_loop(ensemble, x)
+    with torch.no_grad():
+        expected = torch.stack([m(x)[0] for m in ensemble.members])
+    torch.testing.assert_close(ensemble.loop_forward(x), expected)
+    result = predict(ensemble, x)
+    torch.testing.assert_close(result.samples, expected)
+    y = torch.randint(0, 3, (40,))
+    history = fit_ensemble(ensemble, torch.randn(40, 6), y, epochs=2, batch_size=8, vectorize=True)
+    assert len(history) == 2
+
+
+@pytest.mark.parametrize("vectorize", [None, True, False])
+def test_fit_refuses_a_loss_per_example_on_every_path(vectorize: bool | None) -> None:
+    ensemble = Ensemble([_mlp() for _ in range(2)])
+    before = copy.deepcopy(ensemble.state_dict())
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for loss in (lambda out, t: F.cross_entropy(out, t, reduction="none"), lambda out, t: (out, t)):
+        with pytest.raises(ValueError, match=r"loss must return one scalar per minibatch.*reduction='mean'"):
+            fit_ensemble(ensemble, x, y, loss=loss, vectorize=vectorize)
+    for key, value in ensemble.state_dict().items():  # nothing was trained
+        assert torch.equal(value, before[key])
+
+
+def test_fit_trains_bayesian_members_on_their_elbo() -> None:
+    from torchbayes import elbo_loss
+
+    torch.manual_seed(0)
+    members = [nn.Sequential(BayesLinear(6, 8), nn.ReLU(), BayesLinear(8, 3)) for _ in range(2)]
+    ensemble, reference = Ensemble(members), copy.deepcopy(members)
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    torch.manual_seed(5)
+    history = fit_ensemble(ensemble, x, y, epochs=2, batch_size=8, seed=3)
+    # The same training written out: per member, Adam on cross-entropy + KL / N.
+    generator = torch.Generator().manual_seed(3)
+    orders = torch.stack([torch.randperm(24, generator=generator) for _ in range(4)]).view(2, 2, 24)
+    torch.manual_seed(5)
+    totals = [0.0, 0.0]
+    for i, member in enumerate(reference):
+        optimizer = torch.optim.Adam(member.parameters(), lr=1e-3)
+        member.train()
+        for epoch in range(2):
+            for first in range(0, 24, 8):
+                idx = orders[epoch, i, first : first + 8]
+                loss = elbo_loss(F.cross_entropy(member(x[idx]), y[idx]), member, num_data=24)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                totals[epoch] += float(loss) * 8
+    for a, b in zip(ensemble.parameters(), (p for m in reference for p in m.parameters())):
+        torch.testing.assert_close(a, b)
+    assert history == pytest.approx([t / 48 for t in totals])
+
+
+class _ItemCall(nn.Module):
+    """``.item()`` in forward: vmap cannot run it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * (1.0 if x.abs().max().item() >= 0 else -1.0)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 5, batch_first=True)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x[:, None])
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize("member", [_ItemCall, _Recurrent])
+def test_fit_falls_back_to_the_loop_when_vmap_fails(member: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    ensemble = Ensemble([member() for _ in range(2)])
+    loop = copy.deepcopy(ensemble)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    with pytest.raises(ValueError, match="vectorize=True but vmap cannot train the members"):
+        fit_ensemble(copy.deepcopy(ensemble), x, y, epochs=1, vectorize=True)
+    history = fit_ensemble(ensemble, x, y, epochs=2, batch_size=8, seed=1)
+    expected = fit_ensemble(loop, x, y, epochs=2, batch_size=8, seed=1, vectorize=False)
+    assert history == pytest.approx(expected)
+    for a, b in zip(ensemble.parameters(), loop.parameters()):
+        torch.testing.assert_close(a, b)
+    _assert_equals_loop(ensemble, x)

@@ -485,3 +485,173 @@ def test_bad_arguments() -> None:
     again = predict(model, x, 16, method="moments", seed=3)
     torch.testing.assert_close(result.samples, again.samples)  # seeded logit draws
     assert model.training
+
+
+# ====================================================================== issue 22, section 4 (reliab-ens)
+class _Doubled(nn.Linear):
+    """A subclass whose own forward changes the math: nn.Linear's rule must not serve it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+class _AlwaysDropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, training=True)
+
+
+class _TaggedLinear(nn.Linear):
+    """A subclass that keeps nn.Linear's forward (only adds an attribute): the rule still serves it."""
+
+    tag = "head"
+
+
+class _DoubledReLU(nn.ReLU):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.relu(x)
+
+
+@pytest.mark.parametrize("module", [_Doubled(8, 3), _AlwaysDropout(0.3), _DoubledReLU()], ids=type)
+def test_subclass_with_own_forward_is_refused_not_given_the_parent_rule(module: nn.Module) -> None:
+    model = nn.Sequential(BayesLinear(4, 8), nn.Tanh(), module)
+    with pytest.raises(UnsupportedOperationError, match=rf"{type(module).__qualname__} overrides forward\(\).*register"):
+        predict(model, torch.randn(6, 4), method="moments")
+    # Before the first Bayesian layer (no variance yet) it is computed exactly, by its own forward.
+    first = nn.Sequential(_Doubled(4, 4), BayesLinear(4, 3))
+    out = propagate_moments(first, x := torch.randn(5, 4))
+    with torchbayes.posterior_mean(first):
+        torch.testing.assert_close(out.mean, first.eval()(x))
+
+
+def test_subclass_with_its_own_rule_and_subclass_keeping_forward_are_served() -> None:
+    x = torch.randn(6, 4)
+    kept = nn.Sequential(BayesLinear(4, 8), _TaggedLinear(8, 3))
+    plain = nn.Sequential(kept[0], nn.Linear(8, 3))
+    plain[1].load_state_dict(kept[1].state_dict())
+    a, b = propagate_moments(kept, x), propagate_moments(plain, x)
+    torch.testing.assert_close(a.mean, b.mean)
+    torch.testing.assert_close(a.variance, b.variance)
+
+    class Tripled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 3 * super().forward(x)
+
+    @register_moment_rule(Tripled)
+    def _tripled(module: nn.Module, x: Moments) -> Moments:
+        out = _linear_rule(module, x)
+        return Moments(3 * out.mean, 9 * out.variance)
+
+    _linear_rule = torchbayes.prediction.moments._RULES[nn.Linear]
+    model = nn.Sequential(BayesLinear(4, 8), Tripled(8, 3))
+    got = propagate_moments(model, x)
+    reference = nn.Sequential(model[0], nn.Linear(8, 3))
+    reference[1].load_state_dict(model[1].state_dict())
+    expected = propagate_moments(reference, x)
+    torch.testing.assert_close(got.mean, 3 * expected.mean)
+    torch.testing.assert_close(got.variance, 9 * expected.variance)
+
+
+class _KeywordCalls(nn.Module):
+    def __init__(self, keywords: bool) -> None:
+        super().__init__()
+        self.fc = BayesLinear(4, 3)
+        self.head = nn.Linear(3, 3)
+        self.keywords = keywords
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.keywords:  # every form a user may write: keywords for positional parameters
+            s = torch.mul(torch.sigmoid(input=h), other=2)
+            t = torch.add(h.tanh(), other=1.0, alpha=2.0)
+            u = F.relu(input=h, inplace=False).mean(dim=1, keepdim=True)
+            v = torch.cat(tensors=[s, t], dim=1).flatten(start_dim=1)
+            return self.head(input=v[:, :3] + u) + torch.exp(input=-h)
+        s = torch.mul(torch.sigmoid(h), 2)
+        t = torch.add(h.tanh(), 1.0, alpha=2.0)
+        u = F.relu(h, False).mean(1, True)
+        v = torch.cat([s, t], 1).flatten(1)
+        return self.head(v[:, :3] + u) + torch.exp(-h)
+
+
+def test_keyword_arguments_reach_rules_like_positional_ones() -> None:
+    torch.manual_seed(0)
+    keyword, positional = _KeywordCalls(True), _KeywordCalls(False)
+    positional.load_state_dict(keyword.state_dict())
+    x = torch.randn(5, 4)
+    a, b = propagate_moments(keyword, x), propagate_moments(positional, x)
+    torch.testing.assert_close(a.mean, b.mean)  # the same rules ran on the same values
+    torch.testing.assert_close(a.variance, b.variance)
+    assert bool((a.variance > 0).all())
+
+
+class _Scale(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 3 * x
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        (lambda x: None, "returned None"),
+        (lambda x: x.mean * 3, "returned a plain Tensor"),
+        (lambda x: (x.mean * 3, x.variance), "returned a plain Tensor"),
+        (lambda x: (1, 2), "returned a tuple without Moments"),
+        (lambda x: (x, x), r"returned a tuple, but .* uses it as one value"),
+        (lambda x: Moments(x.mean, x.variance[:1]), "variance"),
+        (lambda x: Moments(x.mean.tolist()), "mean list"),
+    ],
+    ids=["None", "tensor", "tensor-tuple", "int-tuple", "tuple-as-value", "bad-shape", "list-mean"],
+)
+def test_rule_results_are_checked_and_the_rule_named(returned, message: str) -> None:
+    class Local(_Scale):
+        pass
+
+    @register_moment_rule(Local)
+    def local_rule(module: nn.Module, x: Moments):  # noqa: ANN202 - returns what the test gives
+        return returned(x)
+
+    model = nn.Sequential(BayesLinear(4, 3), Local(), nn.ReLU())
+    with pytest.raises(UnsupportedOperationError, match=rf"local_rule for module '1'.*{message}"):
+        propagate_moments(model, torch.randn(2, 4))
+
+
+def test_rule_that_cannot_take_the_call_is_named() -> None:
+    class Local(_Scale):
+        pass
+
+    @register_moment_rule(Local)
+    def narrow_rule(module: nn.Module) -> Moments:  # forgot the input
+        raise AssertionError("not called")
+
+    with pytest.raises(UnsupportedOperationError, match="narrow_rule for module '1'.*does not accept"):
+        propagate_moments(nn.Sequential(BayesLinear(4, 3), Local()), torch.randn(2, 4))
+
+
+@pytest.mark.parametrize(
+    ("rho", "message"),
+    [(1e20, "overflows float32"), (1e30, "overflows float32"), (3.5e38, "overflows float32"),
+     (-104.0, "is 0 in float32"), (-1e20, "is 0 in float32")],
+)
+def test_overflowing_posterior_scale_is_refused_where_it_is_set(rho: float, message: str) -> None:
+    with pytest.raises(ValueError, match=f"posterior_rho_init=.*{message}"):
+        BayesLinear(4, 3, posterior_rho_init=rho)
+    with pytest.raises(ValueError, match=f"posterior_rho_init=.*{message}"):
+        torchbayes.dnn_to_bnn(nn.Sequential(nn.Linear(4, 3)), posterior_rho_init=rho)
+    with pytest.raises(ValueError, match=f"posterior_rho_init=.*{message}"):
+        LinearReparameterization(4, 3, posterior_rho_init=rho)
+    BayesLinear(4, 3, posterior_rho_init=1e18)  # large but representable: accepted here, checked at prediction
+    BayesLinear(4, 3, posterior_rho_init=-100.0)  # sigma 3.7e-44: tiny but not 0
+
+
+@pytest.mark.parametrize(("rho", "method"), [(1e20, "mc"), (1e20, "moments"), (1e19, "moments")])
+def test_overflowing_scales_from_a_file_or_training_are_refused_at_prediction(rho: float, method: str) -> None:
+    # sigma 1e19 keeps MC samples finite (if useless); its variance 1e38 overflows in the moments.
+    model = nn.Sequential(BayesLinear(4, 16), nn.ReLU(), BayesLinear(16, 16), nn.ReLU(), BayesLinear(16, 3))
+    with torch.no_grad():  # as a crafted checkpoint or a diverged training would leave them
+        model[2].weight_rho.fill_(rho)
+    with pytest.raises(ValueError, match=r"posterior scales overflow \(largest sigma 1e\+(20|19), in 2\.weight_rho\)"):
+        predict(model, torch.randn(6, 4), 8, method=method, seed=0)
+    # A large but harmless scale still predicts (finite samples).
+    with torch.no_grad():
+        model[2].weight_rho.fill_(8.0)
+    assert bool(torch.isfinite(predict(model, torch.randn(6, 4), 8, method=method, seed=0).samples).all())

@@ -45,6 +45,28 @@ def _check_finite_scalar(name: str, value: float) -> float:
     return float(value)
 
 
+#: Largest initial posterior sigma: its square (a weight variance) must be finite in float32.
+MAX_POSTERIOR_SIGMA = math.sqrt(torch.finfo(torch.float32).max)
+#: Smallest: float32's smallest positive (subnormal) number, below which sigma is 0.
+MIN_POSTERIOR_SIGMA = float(torch.finfo(torch.float32).smallest_normal) * 2.0**-23
+
+
+def _check_posterior_rho(name: str, value: float) -> float:
+    rho = _check_finite_scalar(name, value)
+    sigma = rho if rho > 30 else math.log1p(math.exp(rho))  # softplus, without overflow
+    if not sigma <= MAX_POSTERIOR_SIGMA:
+        raise ValueError(
+            f"{name}={value!r} gives a posterior sigma softplus(rho) = {sigma:.3g}, whose square "
+            f"overflows float32 (sigma must be <= {MAX_POSTERIOR_SIGMA:.3g}; -3 gives sigma 0.049)"
+        )
+    if sigma < MIN_POSTERIOR_SIGMA:
+        raise ValueError(
+            f"{name}={value!r} gives a posterior sigma softplus(rho) = {sigma:.3g}, which is 0 in float32 "
+            f"(the KL's log sigma would be -inf; rho must be >= {math.log(MIN_POSTERIOR_SIGMA):.1f}; -3 gives 0.049)"
+        )
+    return rho
+
+
 class BayesianModule(nn.Module):
     """Base class of modules with a mean-field Gaussian posterior over named parameters.
 
@@ -97,7 +119,7 @@ class BayesianModule(nn.Module):
         template = prior if prior is not None else GaussianPrior(prior_mu, prior_sigma)
         object.__setattr__(self, "_prior_template", template)
         self.posterior_mu_init = _check_finite_scalar("posterior_mu_init", posterior_mu_init)
-        self.posterior_rho_init = _check_finite_scalar("posterior_rho_init", posterior_rho_init)
+        self.posterior_rho_init = _check_posterior_rho("posterior_rho_init", posterior_rho_init)
         self.estimator = canonical_estimator(estimator)
         self.deterministic = False
         self._variational_names: list[str] = []

@@ -435,17 +435,38 @@ def _conv_groups(layer: BayesianWeightLayer, x: Tensor, op: Op, g: int, shared: 
     # Per-group kernels for every convolution: exact, whatever the estimator.
     weight, bias = _weight_samples(layer, g, groups)
     n = x.shape[0] // g
+    return stacked_conv(layer, x[:n] if shared else x, weight, bias, op, shared)
+
+
+def stacked_conv(layer: Any, x: Tensor, weight: Tensor, bias: Tensor | None, op: Op, shared: bool) -> Tensor:
+    """``G`` convolutions with kernels ``weight[i]`` (and ``bias[i]``), the cheapest exact way.
+
+    Also the deep ensembles' convolution (`torchbayes.Ensemble`: the members' kernels).
+
+    Args:
+        layer: the convolution whose hyperparameters apply (stride, padding, groups...).
+        x: ``shared``: one block ``(n, C, ...)`` that every kernel sees; otherwise ``G``
+            consecutive blocks ``(G * n, C, ...)``, block ``i`` for kernel ``i``.
+        weight: ``(G, *kernel)``; bias: ``(G, out)`` or ``None``.
+        op: ``op(input, kernel, bias)``, the layer's convolution.
+        shared: see ``x``.
+
+    Returns:
+        ``(G * n, out, ...)``: block ``i`` convolved with kernel ``i``.
+    """
+    g = weight.shape[0]
+    n = x.shape[0] if shared else x.shape[0] // g
     transposed = bool(getattr(layer, "transposed", False))
     if shared and getattr(layer, "groups", 1) == 1:
         # One convolution of the shared block with the g kernels stacked as output channels.
         channel_dim = 1 if transposed else 0
         stacked = weight.movedim(0, channel_dim).flatten(channel_dim, channel_dim + 1)
-        out = op(x[:n], stacked, None if bias is None else bias.reshape(-1))
+        out = op(x, stacked, None if bias is None else bias.reshape(-1))
         out = out.unflatten(1, (g, -1)).transpose(0, 1)
-        return out.reshape(x.shape[0], *out.shape[2:])
+        return out.reshape(g * n, *out.shape[2:])
     if not shared and n <= _GROUPED_CONV_MAX_ROWS and not transposed and layer.padding_mode == "zeros":
         return _grouped_conv(layer, x, weight, bias, g)
-    blocks = [x[:n]] * g if shared else x.split(n)
+    blocks = [x] * g if shared else x.split(n)
     outputs = [op(block, weight[i], None if bias is None else bias[i]) for i, block in enumerate(blocks)]
     return torch.cat(outputs) if g > 1 else outputs[0]
 
@@ -454,7 +475,7 @@ def _grouped_conv(conv_layer: BayesianWeightLayer, x: Tensor, weight: Tensor, bi
     """All groups in one convolution: group ``i``'s examples meet only kernel ``i``."""
     layer: Any = conv_layer  # a convolution's hyperparameters, as torch.nn's twin holds them
     n = x.shape[0] // g
-    conv = _CONVOLUTIONS[layer._num_spatial_dims]
+    conv = _CONVOLUTIONS[len(layer.kernel_size)]
     # (g*n, C, ...) -> (n, g*C, ...): free when n == 1, a copy otherwise.
     xg = x.unflatten(0, (g, n)).transpose(0, 1).flatten(1, 2)
     out = conv(

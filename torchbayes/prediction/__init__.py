@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
@@ -194,6 +195,7 @@ def _moment_prediction(
         raise ValueError("method='moments' does not take an Ensemble; predict with method='mc'")
     _check_input_matches_model([m for _, m in iter_bayesian_modules(model)], x)
     samples = moment_samples(model, x, num_samples, task=task, output_variance=output_variance, seed=seed)
+    _check_scales_overflow(model, x, samples)
     return summarize(samples, task=task, outputs="logits", output_variance=output_variance, predictive="gaussian")
 
 
@@ -217,7 +219,37 @@ def _monte_carlo_samples(
     if chunk_size is None:
         chunk_size = default_chunk_size(modules, num_samples, x.shape[0])
     with _seeded_dropout(seed if active else None, x.device):
-        return draw_samples(model, x, num_samples, min(chunk_size, num_samples), seed, shared_weights, active)
+        samples = draw_samples(model, x, num_samples, min(chunk_size, num_samples), seed, shared_weights, active)
+    _check_scales_overflow(model, x, samples)
+    return samples
+
+
+def _check_scales_overflow(model: nn.Module, x: Tensor, samples: Tensor) -> None:
+    """Refuse NaN or +inf samples of finite inputs when the posterior means give finite
+    outputs: the posterior scales overflow (e.g. a huge ``rho`` from a setting or a file)."""
+    if bool(torch.isfinite(samples).all()) or not bool(torch.isfinite(x).all()):
+        return
+    if not bool((samples.isnan() | samples.isposinf()).any()):
+        return  # -inf logits (masked classes) are legitimate
+    scales = [
+        (float(F.softplus(rho.detach().max())), f"{name}.{pname}_rho" if name else f"{pname}_rho")
+        for name, module in iter_bayesian_modules(model)
+        for pname, _, rho, _ in module.variational_parameters()
+        if rho.numel()
+    ]
+    if not scales:
+        return
+    with eval_mode(model), torch.no_grad(), posterior_mean(model):
+        out = model(x)
+    out = out[0] if isinstance(out, tuple) else out
+    if isinstance(out, Tensor) and bool((out.isnan() | out.isposinf()).any()):
+        return  # the network itself is not finite here: not the scales' doing
+    sigma, where = max(scales)
+    raise ValueError(
+        f"the predicted samples are not finite (NaN or inf) although the inputs and the posterior-mean "
+        f"network's outputs are: the posterior scales overflow (largest sigma {sigma:.3g}, in {where}); "
+        "lower posterior_rho_init, or check the model's (or checkpoint's) rho values"
+    )
 
 
 @contextlib.contextmanager
@@ -244,11 +276,11 @@ def _ensemble_samples(
     shared_weights: bool,
     dropout: bool,
 ) -> Tensor:
-    stochastic = dropout or next(iter_bayesian_modules(ensemble), None) is not None
+    stochastic = ensemble._checked_for_prediction() or dropout
     if not stochastic:  # the members are the samples: one vectorized pass
         _check_input_matches_model([ensemble], x)
         with torch.no_grad():
-            return ensemble.member_outputs(x)
+            return ensemble.member_outputs(x, checked=True)
     # Each member is a posterior of its own: S samples from each, stacked (a mixture).
     generator = torch.Generator().manual_seed(seed) if isinstance(seed, int) else seed
     return torch.cat(

@@ -33,6 +33,7 @@ an error naming it (never a silent fallback), except on values that carry no var
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 import weakref
@@ -43,6 +44,7 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from torchbayes.layers.base import ReferenceLayer
 from torchbayes.nn import noise
@@ -148,11 +150,35 @@ def register_moment_rule(*targets: type[nn.Module] | Callable[..., Any] | str) -
 
 
 def _module_rule(module: nn.Module) -> MomentRule | None:
-    for cls in type(module).__mro__:
-        rule = _RULES.get(cls)
-        if rule is not None:
-            return rule
+    """The rule of ``module``'s type or its nearest registered base class.
+
+    A base class's rule describes the base's ``forward``; it does not serve a subclass
+    whose own ``forward`` (defined outside torch and torchbayes, whose subclasses keep
+    their family's math) replaces it: that raises, naming the class to register.
+    """
+    cls = type(module)
+    for base in cls.__mro__:
+        rule = _RULES.get(base)
+        if rule is None:
+            continue
+        owner = next(k for k in cls.__mro__ if "forward" in k.__dict__)
+        if owner is not base and issubclass(owner, base) and not _library_class(owner):
+            raise _OverriddenForward(
+                f"{owner.__module__}.{owner.__qualname__} overrides forward() of "
+                f"{base.__module__}.{base.__qualname__}, so that class's moment rule does not "
+                f"describe it; register a rule for {owner.__qualname__} with "
+                "torchbayes.prediction.moments.register_moment_rule, or predict with method='mc'"
+            )
+        return rule
     return None
+
+
+def _library_class(cls: type) -> bool:
+    return cls.__module__.split(".", 1)[0] in ("torch", "torchbayes")
+
+
+class _OverriddenForward(Exception):
+    """Internal: a registered base class's rule found for a subclass with its own forward."""
 
 
 # ----------------------------------------------------------------------------- graph walk
@@ -211,7 +237,20 @@ def _unsupported(what: str) -> UnsupportedOperationError:
 
 
 class _MomentInterpreter(fx.Interpreter):
-    """Runs a traced model on :class:`Moments`, dispatching each node to its rule."""
+    """Runs a traced model on `Moments`, dispatching each node to its rule.
+
+    Calls are normalised before a rule sees them (keyword arguments that the operation
+    also takes positionally become positional: ``torch.mul(h, other=2)`` reaches the rule
+    as ``(h, 2)``), and every rule's result is checked (`_check_rule_result`).
+    """
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.extra_traceback = False  # errors stay one clear line (fx would append the node and a traceback)
+
+    def run_node(self, n: fx.Node) -> Any:
+        self._node = n
+        return super().run_node(n)
 
     def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:  # type: ignore[override]
         module = self.fetch_attr(target)
@@ -219,12 +258,19 @@ class _MomentInterpreter(fx.Interpreter):
             if not isinstance(module, BayesianModule):
                 return super().call_module(target, args, kwargs)
             args = tuple(Moments(a) if isinstance(a, Tensor) else a for a in args)  # e.g. fed a constant
-        rule = _module_rule(module)
+        what = f"module {target!r} ({type(module).__module__}.{type(module).__qualname__})"
+        try:
+            rule = _module_rule(module)
+        except _OverriddenForward as error:
+            if not isinstance(module, BayesianModule) and _all_exact((args, kwargs)):
+                return _exact(module(*_means(args), **_means(kwargs)))  # no variance yet: exact
+            raise UnsupportedOperationError(f"method='moments' cannot propagate {what}: {error}") from None
         if rule is not None:
-            return rule(module, *args, **kwargs)
+            args, kwargs = _normalized(type(module).forward, args, kwargs, bound=True)
+            return self._apply(rule, what, args, kwargs, module)
         if not isinstance(module, BayesianModule) and _all_exact((args, kwargs)):
             return _exact(module(*_means(args), **_means(kwargs)))  # no variance yet: exact
-        raise _unsupported(f"module {target!r} ({type(module).__module__}.{type(module).__qualname__})")
+        raise _unsupported(what)
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
         return self._call(target, target, args, kwargs)
@@ -237,10 +283,140 @@ class _MomentInterpreter(fx.Interpreter):
             return fn(*args, **kwargs)
         rule = _RULES.get(target)
         if rule is not None:
-            return rule(*args, **kwargs)
+            if kwargs:
+                signature_of = getattr(torch, target, None) if isinstance(target, str) else target
+                args, kwargs = _normalized(signature_of, args, kwargs)
+            return self._apply(rule, _describe(target), args, kwargs)
         if _all_exact((args, kwargs)):
             return _exact(fn(*_means(args), **_means(kwargs)))
         raise _unsupported(_describe(target))
+
+    def _apply(self, rule: MomentRule, what: str, args: tuple, kwargs: dict, module: nn.Module | None = None) -> Any:
+        call_args = (module, *args) if module is not None else args
+        try:
+            result = rule(*call_args, **kwargs)
+        except TypeError as error:
+            try:  # the rule cannot take this call's arguments: say so, naming the rule
+                inspect.signature(rule).bind(*call_args, **kwargs)
+            except (TypeError, ValueError):
+                raise UnsupportedOperationError(
+                    f"method='moments': the moment rule {_rule_name(rule)} for {what} does not accept "
+                    f"the call's arguments ({_argument_summary(args, kwargs)}): {error}"
+                ) from error
+            raise
+        _check_rule_result(result, rule, what, self._node)
+        return result
+
+
+def _rule_name(rule: MomentRule) -> str:
+    return f"{getattr(rule, '__module__', '?')}.{getattr(rule, '__qualname__', repr(rule))}"
+
+
+def _argument_summary(args: tuple, kwargs: dict) -> str:
+    def kind(v: Any) -> str:
+        return "Moments" if isinstance(v, Moments) else type(v).__name__
+
+    return ", ".join([*(kind(a) for a in args), *(f"{k}={kind(v)}" for k, v in kwargs.items())])
+
+
+# What a node whose rule returned a tuple or list may be used by (reading its elements).
+_SEQUENCE_USERS: tuple[Any, ...] = (operator.getitem, getattr, len, torch.cat, torch.concat, torch.stack)
+
+
+def _check_rule_result(result: Any, rule: MomentRule, what: str, node: fx.Node) -> None:
+    """A rule returns `Moments` (tensors as moments, never plain tensors, which would
+    silently drop the variance), or a tuple/list of them used only element by element."""
+
+    def fail(problem: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(
+            f"method='moments': the moment rule {_rule_name(rule)} for {what} {problem}; a rule returns "
+            "Moments(mean, variance) (Moments(t) for an exactly known tensor), or a tuple of them "
+            "where the operation returns a tuple"
+        )
+
+    if result is None:
+        if node.users:
+            raise fail("returned None")
+        return
+    _check_no_tensors(result, fail)
+    if isinstance(result, (tuple, list)) and not isinstance(result, torch.Size):
+        if not _has_moments(result):
+            raise fail(f"returned a {type(result).__name__} without Moments")
+        for user in node.users:
+            if user.op != "output" and not (user.op == "call_function" and user.target in _SEQUENCE_USERS):
+                raise fail(f"returned a {type(result).__name__}, but {user.format_node()} uses it as one value")
+
+
+def _check_no_tensors(value: Any, fail: Callable[[str], Exception]) -> None:
+    if isinstance(value, Tensor):
+        raise fail("returned a plain Tensor (its variance would be lost)")
+    if isinstance(value, Moments):
+        if not isinstance(value.mean, Tensor) or not (
+            value.variance is None or (isinstance(value.variance, Tensor) and value.variance.shape == value.mean.shape)
+        ):
+            raise fail(
+                f"returned Moments with mean {type(value.mean).__name__} and variance "
+                f"{type(value.variance).__name__} (need a tensor, and None or a tensor of the same shape)"
+            )
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _check_no_tensors(v, fail)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _check_no_tensors(v, fail)
+
+
+# Signatures by target: torch operators have one per overload (the first that binds is used).
+_SIGNATURES: dict[Any, list[inspect.Signature]] = {}
+
+
+def _signatures(target: Any, bound: bool) -> list[inspect.Signature]:
+    key = (target, bound)
+    if key not in _SIGNATURES:
+        signatures: list[inspect.Signature] = []
+        try:
+            signatures = [inspect.signature(target)]
+        except (TypeError, ValueError):
+            signatures = list(get_signature_for_torch_op(target) or [])
+        if bound:  # an unbound forward(self, ...): drop self
+            signatures = [s.replace(parameters=list(s.parameters.values())[1:]) for s in signatures]
+        _SIGNATURES[key] = signatures
+    return _SIGNATURES[key]
+
+
+def _normalized(target: Any, args: tuple, kwargs: dict, bound: bool = False) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` with every keyword argument that the operation also takes by
+    position moved to its position (defaults filled in before it), so rules, whose own
+    parameter names need not be torch's, see one form of each call."""
+    if not kwargs or target is None:
+        return args, kwargs
+    for signature in _signatures(target, bound):
+        try:
+            call = signature.bind(*args, **kwargs)
+        except TypeError:
+            continue
+        positional: list[Any] = []
+        pending: list[Any] = []  # defaults of skipped parameters, kept only if a later one is given
+        rest = dict(kwargs)
+        for name, parameter in signature.parameters.items():
+            if parameter.kind in (parameter.KEYWORD_ONLY, parameter.VAR_KEYWORD):
+                break
+            if parameter.kind == parameter.VAR_POSITIONAL:
+                if name in call.arguments:
+                    positional.extend(pending)
+                    positional.extend(call.arguments[name])
+                break
+            if name in call.arguments:
+                positional.extend(pending)
+                pending = []
+                positional.append(call.arguments[name])
+                rest.pop(name, None)
+            elif parameter.default is parameter.empty:
+                break
+            else:
+                pending.append(parameter.default)
+        return tuple(positional), rest
+    return args, kwargs
 
 
 # model -> (fingerprint, registered module types, graph): tracing ResNet-18 costs more than
@@ -539,9 +715,9 @@ def _bayesian_weight_layer(module: BayesianWeightLayer, x: Moments, output_size:
 
 
 @register_moment_rule(ReferenceLayer)
-def _reference_layer(module: ReferenceLayer, x: Moments, return_kl: bool = True) -> Moments | tuple[Moments, Tensor]:
+def _reference_layer(module: ReferenceLayer, x: Moments, return_kl: bool = True) -> Moments | tuple[Moments, Moments]:
     out = _bayesian_weight_layer(module, x)
-    return (out, module.kl_loss()) if return_kl and not module.dnn_to_bnn_flag else out
+    return (out, Moments(module.kl_loss())) if return_kl and not module.dnn_to_bnn_flag else out
 
 
 @register_moment_rule(nn.Linear, nn.modules.conv._ConvNd)
@@ -662,7 +838,7 @@ def _dropout_function(x: Moments, p: float = 0.5, training: bool = True, inplace
 @register_moment_rule(operator.getitem)
 def _getitem(obj: Any, index: Any) -> Any:
     if not isinstance(obj, Moments):  # a tuple of outputs, e.g. (out, kl)
-        return obj[index]
+        return _exact(obj[index])
     if _has_moments(index):
         raise _unsupported("indexing with a random index")
     return _both(lambda t: t[index], obj)
@@ -671,14 +847,14 @@ def _getitem(obj: Any, index: Any) -> Any:
 @register_moment_rule(getattr)
 def _getattr(obj: Any, name: str, *default: Any) -> Any:
     if not isinstance(obj, Moments):
-        return getattr(obj, name, *default)
+        return _exact(getattr(obj, name, *default))
     if name in ("shape", "dtype", "device", "ndim", "is_cuda", "layout"):
         return getattr(obj.mean, name)
     raise _unsupported(f"tensor attribute .{name}")
 
 
 for _name in ("size", "dim", "numel", "ndimension", "get_device"):
-    register_moment_rule(_name)(lambda x, *a, _m=_name: getattr(x.mean, _m)(*a))
+    register_moment_rule(_name)(lambda x, *a, _m=_name, **k: getattr(x.mean, _m)(*a, **k))
 
 
 def _as_moments(value: Any) -> Moments:
