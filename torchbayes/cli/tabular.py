@@ -44,9 +44,9 @@ __all__ = [
 ]
 
 #: Training defaults for tables where they differ from the image recipe's (TrainConfig):
-#: small tables need many more, smaller steps than 60,000 images. The UCI protocol's
-#: network (one hidden layer of 50) and its test log-likelihood need about 100 epochs
-#: and 100 Monte Carlo samples (see docs/regression.md).
+#: a small table needs many more, smaller steps than 60,000 images; 100 Monte Carlo
+#: samples make the mixture's test log-likelihood stable. benchmarks/sweep_table_defaults.py
+#: scores them on validation rows (docs/cli.md shows its table).
 TABLE_DEFAULTS: dict[str, Any] = {
     "epochs": 100,
     "pretrain_epochs": 100,
