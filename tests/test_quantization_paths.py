@@ -118,9 +118,12 @@ def test_relu_with_hooks_or_not_following_a_quantized_layer_is_kept():
     relu = nn.ReLU()
     relu.register_forward_hook(lambda *args: None)
     model = nn.Sequential(BayesLinear(4, 4), relu, nn.Linear(4, 4), nn.ReLU(), BayesLinear(4, 2)).eval()
-    qmodel = quantize(model)
+    qmodel = quantize(model, bayesian_only=True)  # the nn.Linear stays float
     assert isinstance(qmodel[1], nn.ReLU) and isinstance(qmodel[3], nn.ReLU)
     assert not qmodel[0].fused_relu
+    # By default the deterministic nn.Linear is INT8 too, and its ReLU is fused into it.
+    qmodel = quantize(model)
+    assert isinstance(qmodel[1], nn.ReLU) and isinstance(qmodel[3], nn.Identity) and qmodel[2].fused_relu
 
 
 # ------------------------------------------------------------ memory layout

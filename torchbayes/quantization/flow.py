@@ -25,16 +25,22 @@ from torch import Tensor, nn
 from torchbayes.nn.base import iter_bayesian_modules
 from torchbayes.nn.conv import BayesConv1d, BayesConv2d, BayesConv3d
 from torchbayes.nn.linear import BayesLinear
+from torchbayes.quantization.fusion import FusionPlan, plan_fusions
 from torchbayes.quantization.layers import (
     QuantizedBayesConv1d,
     QuantizedBayesConv2d,
     QuantizedBayesConv3d,
     QuantizedBayesianModule,
     QuantizedBayesLinear,
-    _QuantizedBayesConvNd,
+    QuantizedConv1d,
+    QuantizedConv2d,
+    QuantizedConv3d,
+    QuantizedLinear,
+    QuantizedModule,
+    _ConvGeometry,
 )
 
-__all__ = ["DTYPES", "QUANTIZED_TWINS", "convert", "prepare", "quantize"]
+__all__ = ["DETERMINISTIC_TWINS", "DTYPES", "QUANTIZED_TWINS", "convert", "prepare", "quantize"]
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 
@@ -50,13 +56,22 @@ QUANTIZED_TWINS: dict[type[nn.Module], type[QuantizedBayesianModule]] = {
     BayesConv3d: QuantizedBayesConv3d,
 }
 
+#: Deterministic ``torch.nn`` layer -> its INT8 twin (exact classes only: a subclass may
+#: read its weight elsewhere, as ``nn.MultiheadAttention``'s output projection is read).
+DETERMINISTIC_TWINS: dict[type[nn.Module], type[QuantizedModule]] = {
+    nn.Linear: QuantizedLinear,
+    nn.Conv1d: QuantizedConv1d,
+    nn.Conv2d: QuantizedConv2d,
+    nn.Conv3d: QuantizedConv3d,
+}
+
 # Calibration tensors are run through the model in batches of this many rows.
 _CALIBRATION_BATCH = 256
 
 # Modules that compute the same values whatever the memory layout of their input (and pass
 # a channels-last layout on), and those that end it: Flatten(1, -1) reshapes, which copies a
 # channels-last tensor into the logical order, so nothing after it can tell the difference.
-_LAYOUT_AGNOSTIC: tuple[type[nn.Module], ...] = (
+_LAYOUT_AGNOSTIC: tuple[type, ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -94,17 +109,25 @@ _LAYOUT_AGNOSTIC: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
     nn.BatchNorm2d,
     nn.BatchNorm3d,
-    _QuantizedBayesConvNd,
+    _ConvGeometry,
 )
 
 
 def _twin(module: nn.Module) -> type[QuantizedBayesianModule] | None:
-    """The INT8 twin of ``module``, if its class computes what the float layer computes."""
+    """The INT8 twin of a Bayesian ``module``, if its class computes what the float layer computes."""
     for float_cls, twin in QUANTIZED_TWINS.items():
         # A subclass with its own forward (e.g. one returning (out, kl)) is left alone.
         if isinstance(module, float_cls) and type(module).forward is float_cls.forward:
             return twin
     return None
+
+
+def _any_twin(module: nn.Module, bayesian_only: bool) -> type[QuantizedModule] | None:
+    """The INT8 twin of ``module`` (Bayesian, or deterministic unless ``bayesian_only``)."""
+    twin = _twin(module)
+    if twin is None and not bayesian_only and not module._forward_hooks and not module._forward_pre_hooks:
+        return DETERMINISTIC_TWINS.get(type(module))
+    return twin
 
 
 def _check_inference_model(model: nn.Module, dtype: Any) -> None:
@@ -134,13 +157,27 @@ def _check_model(model: nn.Module, dtype: Any) -> None:
         raise ValueError(f"model has no Bayesian layer that can be quantized (found {kinds}; supported: {supported})")
 
 
-def _swap_layers(model: nn.Module) -> None:
+def _swap_layers(model: nn.Module, plan: FusionPlan | None, bayesian_only: bool) -> None:
+    """Replace every quantizable layer by its INT8 twin, applying ``plan``'s folds and fusions."""
+    plan = plan or FusionPlan()
+    swapped: dict[int, nn.Module] = {}  # a layer registered twice gets one twin
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            twin = _twin(child)
-            if twin is not None:
-                device = next((t.device for t in child.parameters()), torch.device("cpu"))
-                setattr(parent, name, twin.from_float(child).to(device).eval())
+            if id(child) in plan.removable:
+                setattr(parent, name, nn.Identity().train(child.training))
+                continue
+            twin = _any_twin(child, bayesian_only)
+            if twin is None:
+                continue
+            if id(child) not in swapped:
+                device = next((t.device for t in child.buffers()), None)
+                device = next((t.device for t in child.parameters()), device or torch.device("cpu"))
+                new = twin.from_float(child, plan.batchnorm.get(id(child))).to(device).eval()
+                new.fused_relu = id(child) in plan.fused_relu
+                if isinstance(new, _ConvGeometry):
+                    new.channels_last_output = id(child) in plan.channels_last
+                swapped[id(child)] = new
+            setattr(parent, name, swapped[id(child)])
 
 
 def _fuse_relus(model: nn.Module) -> None:
@@ -157,7 +194,7 @@ def _fuse_relus(model: nn.Module) -> None:
         for first, second in itertools.pairwise(names):
             layer, follower = parent._modules[first], parent._modules[second]
             if (
-                isinstance(layer, QuantizedBayesianModule)
+                isinstance(layer, QuantizedModule)
                 and not layer.fused_relu
                 and type(follower) is nn.ReLU
                 and not follower._forward_hooks
@@ -191,18 +228,18 @@ def _allow_channels_last_outputs(model: nn.Module) -> None:
     for parent in model.modules():
         children = list(parent.children())
         for i, child in enumerate(children):
-            if isinstance(child, _QuantizedBayesConvNd):
+            if isinstance(child, _ConvGeometry):
                 # A layer used in several places must be safe in all of them.
                 safe = isinstance(parent, nn.Sequential) and _flattened_before_leaving(children[i + 1 :])
                 verdicts[id(child)] = verdicts.get(id(child), True) and safe
                 child.channels_last_output = verdicts[id(child)]
 
 
-def _quantized_layers(model: nn.Module) -> list[QuantizedBayesianModule]:
-    return [m for m in model.modules() if isinstance(m, QuantizedBayesianModule)]
+def _quantized_layers(model: nn.Module) -> list[QuantizedModule]:
+    return [m for m in model.modules() if isinstance(m, QuantizedModule)]
 
 
-def prepare(model: nn.Module, *, dtype: Any = "int8") -> nn.Module:
+def prepare(model: nn.Module, *, dtype: Any = "int8", bayesian_only: bool = False) -> nn.Module:
     """A quantized copy of ``model`` that records its layers' input ranges (calibration).
 
     Run representative data through the result (in eval mode, under
@@ -212,6 +249,8 @@ def prepare(model: nn.Module, *, dtype: Any = "int8") -> nn.Module:
     Args:
         model: a trained model with torchbayes Bayesian layers, in eval mode.
         dtype: ``"int8"`` (the only type supported).
+        bayesian_only: quantize only the Bayesian layers; by default the deterministic
+            ``nn.Linear`` / ``nn.Conv1d/2d/3d`` layers become INT8 too (see `quantize`).
 
     Returns:
         A new model; ``model`` is unchanged.
@@ -228,16 +267,20 @@ def prepare(model: nn.Module, *, dtype: Any = "int8") -> nn.Module:
         >>> qmodel = convert(prepared)
     """
     _check_model(model, dtype)
+    if not isinstance(bayesian_only, bool):
+        raise TypeError(f"bayesian_only must be a bool, got {type(bayesian_only).__name__}")
     prepared = copy.deepcopy(model)
-    _swap_layers(prepared)
-    _fuse_relus(prepared)
-    _allow_channels_last_outputs(prepared)
+    plan = plan_fusions(prepared, lambda m: _any_twin(m, bayesian_only) is not None)
+    _swap_layers(prepared, plan, bayesian_only)
+    if plan is None:  # untraceable forward: only nn.Sequential containers show what follows what
+        _fuse_relus(prepared)
+        _allow_channels_last_outputs(prepared)
     for layer in _quantized_layers(prepared):
         layer.start_observing()
     return prepared
 
 
-def convert(model: nn.Module, *, dtype: Any = "int8") -> nn.Module:
+def convert(model: nn.Module, *, dtype: Any = "int8", bayesian_only: bool = False) -> nn.Module:
     """The final INT8 model: from a :func:`prepare` d model (ranges it recorded become
     static) or directly from a float Bayesian model (dynamic activation quantization).
 
@@ -255,7 +298,7 @@ def convert(model: nn.Module, *, dtype: Any = "int8") -> nn.Module:
         _check_inference_model(model, dtype)
         model = copy.deepcopy(model)
     else:
-        model = prepare(model, dtype=dtype)
+        model = prepare(model, dtype=dtype, bayesian_only=bayesian_only)
     for layer in _quantized_layers(model):
         layer.stop_observing()
     _warn_zero_width_ranges(model)
@@ -268,7 +311,7 @@ def _warn_zero_width_ranges(model: nn.Module) -> None:
     flat = [
         name
         for name, m in model.named_modules()
-        if isinstance(m, QuantizedBayesianModule)
+        if isinstance(m, QuantizedModule)
         and bool(torch.isfinite(m.input_range).all())
         and float(m.input_range[0]) == float(m.input_range[1])
     ]
@@ -297,25 +340,33 @@ def _calibration_batches(data: Any) -> Iterable[Tensor]:
 
 
 def quantize(
-    model: ModelT, calibration_data: Tensor | Iterable[Any] | None = None, *, dtype: Any = "int8"
+    model: ModelT,
+    calibration_data: Tensor | Iterable[Any] | None = None,
+    *,
+    dtype: Any = "int8",
+    bayesian_only: bool = False,
 ) -> nn.Module:
     """Quantize a trained Bayesian model to INT8 for inference; its layers still sample.
 
     Bayesian linear layers and 1/2/3-d convolutions become INT8 layers
-    (:class:`~torchbayes.quantization.QuantizedBayesLinear`,
-    :class:`~torchbayes.quantization.QuantizedBayesConv2d`...) whose posterior means and
-    standard deviations are quantized per output channel and whose Monte Carlo draws
-    run integer kernels. Other modules (BatchNorm, activations, transposed convolutions,
-    recurrent layers) stay in float. The result works with :func:`torchbayes.predict`,
-    :func:`torchbayes.posterior_mean` and the uncertainty functions.
+    (`QuantizedBayesLinear`, `QuantizedBayesConv2d`...) whose posterior means and standard
+    deviations are quantized per output channel and whose Monte Carlo draws run integer
+    kernels; deterministic ``nn.Linear`` and ``nn.Conv1d/2d/3d`` layers become static
+    INT8 layers (`QuantizedLinear`, `QuantizedConv2d`...), unless ``bayesian_only``.
+    Other modules (activations, pooling, transposed convolutions, recurrent layers) stay
+    in float. The result works with `torchbayes.predict` (whose prefix split then runs
+    the deterministic INT8 part once per example), `torchbayes.posterior_mean` and the
+    uncertainty functions.
 
-    Inside ``nn.Sequential`` containers the copy is also fused: an ``nn.ReLU`` right after
-    a quantized layer runs inside the layer's INT8 kernel (the ReLU module becomes
-    ``nn.Identity``), and a convolution followed only by layout-agnostic modules
-    (activations, pooling, BatchNorm, dropout) up to an ``nn.Flatten`` returns oneDNN's
-    channels-last output, on which the model's own pooling runs faster. Everywhere else
-    convolutions return contiguous outputs, as the float layers do, so code such as
-    ``x.view(x.size(0), -1)`` in a custom ``forward`` keeps working.
+    The copy is also fused where the model's traced graph shows it is safe
+    (`torchbayes.quantization.fusion`): an eval-mode BatchNorm right after a
+    convolution is folded into its weights (into its posterior for a Bayesian one,
+    exactly), a ReLU right after a layer runs inside its INT8 kernel, and a convolution
+    whose output nothing downstream can tell apart by layout returns oneDNN's
+    channels-last output. Everywhere else convolutions return contiguous outputs, as the
+    float layers do, so code such as ``x.view(x.size(0), -1)`` in a custom ``forward``
+    keeps working. A ``forward`` that cannot be traced gets the same fusions inside
+    ``nn.Sequential`` containers only.
 
     Args:
         model: a trained model with torchbayes Bayesian layers, in eval mode
@@ -324,6 +375,7 @@ def quantize(
             its own range), or representative inputs, a Tensor ``(N, ...)`` or an
             iterable of batches / ``(inputs, targets)`` pairs, to fix static ranges.
         dtype: ``"int8"``.
+        bayesian_only: quantize only the Bayesian layers (deterministic ones stay float).
 
     Returns:
         A new, quantized model in eval mode; ``model`` is unchanged. Save it with
@@ -340,7 +392,7 @@ def quantize(
         >>> qmodel = quantize(model.eval())
         >>> result = torchbayes.predict(qmodel, images, num_samples=32)
     """
-    prepared = prepare(model, dtype=dtype)
+    prepared = prepare(model, dtype=dtype, bayesian_only=bayesian_only)
     if calibration_data is not None:
         seen = 0
         with torch.no_grad():
