@@ -7,12 +7,15 @@ import sys
 import warnings
 from pathlib import Path
 
+from torch import nn
+
 from torchbayes.cli.arguments import (
     BadInput,
     Console,
     add_common,
     add_data,
     check_output_file,
+    check_output_folder,
     data_source,
     input_checks,
     load_data,
@@ -20,7 +23,8 @@ from torchbayes.cli.arguments import (
     shown,
 )
 from torchbayes.cli.errors import EXIT_OK
-from torchbayes.cli.training import load_checkpoint, save_checkpoint
+from torchbayes.cli.training import Checkpoint, load_checkpoint, model_label, save_checkpoint
+from torchbayes.datasets import DatasetSplits
 
 __all__ = ["add_parser", "run"]
 
@@ -40,6 +44,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default=256,
         help="training images used to calibrate activations (default 256)",
     )
+    parser.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="also evaluate the float and the INT8 model side by side (metrics and time) and write the report here",
+    )
     add_data(parser, required_default=None)
     add_common(parser)
 
@@ -50,6 +60,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     source = Path(args.checkpoint)
     out = check_output_file(args.out or source.with_name(source.stem + "-int8" + source.suffix), "--out")
+    if args.report is not None:
+        check_output_folder(args.report, "--report")
     with input_checks("checkpoint"):
         ckpt = load_checkpoint(args.checkpoint)
     if not ckpt.config.bayesian or ckpt.int8:
@@ -81,6 +93,37 @@ def run(args: argparse.Namespace, console: Console) -> int:
         f"INT8 model: {out} ({sizes[1] / 1e6:.2f} MB, {sizes[0] / sizes[1]:.1f}x smaller than "
         f"{source}); evaluate it with: torchbayes evaluate {out}"
     )
+    if args.report is not None:
+        _report_side_by_side(ckpt, quantized, data, args, console)
     if args.quiet:
         print(out)
     return EXIT_OK
+
+
+def _report_side_by_side(
+    ckpt: Checkpoint, quantized: nn.Module, data: DatasetSplits, args: argparse.Namespace, console: Console
+) -> None:
+    """Evaluate the float and the INT8 model on the same inputs and draws; one report for both."""
+    from torchbayes.cli.evaluation import describe_data, evaluate_classifier
+    from torchbayes.cli.report import comparison_table, write_report
+
+    config = ckpt.config
+    label = model_label(config)
+    evaluations = [
+        evaluate_classifier(
+            model.to(args.device),
+            data,
+            name=f"{label} {kind}",
+            num_samples=config.num_samples,
+            device=args.device,
+            seed=args.seed,
+            show_progress=not args.quiet,
+        )
+        for model, kind in ((ckpt.model, "FP32"), (quantized, "INT8"))
+    ]
+    console(comparison_table(evaluations))
+    settings = {"data": describe_data(data), "model": config.to_dict(), "num_samples": config.num_samples}
+    report = write_report(
+        args.report, evaluations, title=f"torchbayes: {label}, FP32 and INT8, on {data.name}", settings=settings
+    )
+    console(f"report: {report.html}")
