@@ -429,6 +429,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--prior-grid", nargs="+", type=float, default=list(Settings.prior_grid))
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 on a loaded machine: tiny ops stall on 2)"
+    )
     parser.add_argument("--table", action="store_true", help="print the table of --out and exit")
     args = parser.parse_args()
     if args.table:
@@ -436,7 +439,7 @@ def main() -> None:
         return
     if not args.root.is_dir():
         sys.exit(f"UCI data not found at {args.root}; pass --root")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     settings = Settings(steps=args.steps, prior_grid=tuple(args.prior_grid))
     start = time.perf_counter()
     run(args.datasets, args.splits, args.methods, settings, args.out, args.root)

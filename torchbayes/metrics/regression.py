@@ -192,7 +192,9 @@ def crps_gaussian(mean: Tensor, std: Tensor, target: Tensor, *, reduction: str =
     ``std * (z (2 Phi(z) - 1) + 2 phi(z) - 1/sqrt(pi))`` with ``z = (target - mean) / std``.
 
     Args:
-        mean, std, target: tensors of one shape ``(N, ...)``; ``std > 0``.
+        mean: predictive means ``(N, ...)``.
+        std: predictive standard deviations ``(N, ...)`` (> 0).
+        target: ``(N, ...)``.
         reduction: ``"mean"`` over all elements, or ``"none"``.
     """
     _pair(mean, target, ("mean", "target"), "crps_gaussian")
@@ -207,7 +209,9 @@ def crps_mixture(means: Tensor, variances: Tensor, target: Tensor, *, reduction:
     """CRPS of the equally weighted Gaussian mixture, closed form, per element of ``target``.
 
     Args:
-        means: ``(S, N, ...)``; variances: ``(S, N, ...)`` (> 0); target: ``(N, ...)``.
+        means: ``(S, N, ...)`` component means.
+        variances: ``(S, N, ...)`` component variances (> 0).
+        target: ``(N, ...)``.
         reduction: ``"mean"`` or ``"none"``.
     """
     _components(means, variances, target, "crps_mixture")
