@@ -123,11 +123,20 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
     parser = _check_report_html(out)
     # Reliability + risk-coverage per model, entropy histograms per model, MI for the 4 sampling ones.
-    assert len(parser.images) == 20  # 19 figures + the referral curve
+    assert len(parser.images) == 21  # 19 figures + the referral curve + the conformal set sizes
     for image in results["images"]:
         assert (out / image).read_bytes().startswith(PNG_MAGIC)
     text = " ".join(parser.text)
     assert f"{100 * models['Bayesian mlp']['metrics']['accuracy']:.2f}%" in text
+    # Conformal sets at alpha = 0.1, calibrated on a stratified half of the 361 test images and
+    # measured on the other: one run's coverage has sd ~ sqrt(2 * 0.09 / 180) ~ 0.032 around >= 0.9.
+    assert "Conformal prediction sets (alpha = 0.1: at least 90% coverage)" in text
+    for name, entry in models.items():
+        conformal = entry["conformal"]
+        assert conformal["alpha"] == 0.1, name
+        for score in ("LAC", "APS", "RAPS"):
+            assert 0.77 <= conformal["scores"][score]["coverage"] <= 1.0, (name, score)
+            assert 0 < conformal["scores"][score]["mean_size"] <= num_classes, (name, score)
 
 
 # ---------------------------------------------------------------------- train / evaluate

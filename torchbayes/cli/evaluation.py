@@ -3,6 +3,11 @@
 A Bayesian model predicts with :func:`torchbayes.predict` (Monte Carlo samples); a
 deterministic one with a single forward pass (its mutual information is zero by
 definition, so OOD detection by mutual information is reported for Bayesian models only).
+
+With ``conformal=alpha``, split conformal prediction sets (`torchbayes.conformal`: LAC,
+APS, RAPS) are calibrated on a stratified half of the **test split** (the model was
+trained on the training split, so only test data is unseen; seeded by ``seed``) and
+their coverage and size measured on the other half (:func:`conformal_results`).
 """
 
 from __future__ import annotations
@@ -16,13 +21,26 @@ from torch import Tensor, nn
 
 from torchbayes import metrics
 from torchbayes.cli.progress import progress_bar
+from torchbayes.conformal import APS, LAC, RAPS, calibration_split, minimum_calibration_size
 from torchbayes.datasets import DatasetSplits
 from torchbayes.ensemble import Ensemble
 from torchbayes.nn.base import iter_bayesian_modules
 from torchbayes.prediction import ClassificationPrediction, predict
 from torchbayes.uncertainty import predictive_entropy
 
-__all__ = ["Predictions", "ModelEvaluation", "describe_data", "predict_dataset", "evaluate_classifier", "METRIC_LABELS"]
+__all__ = [
+    "Predictions",
+    "ModelEvaluation",
+    "describe_data",
+    "predict_dataset",
+    "evaluate_classifier",
+    "conformal_results",
+    "METRIC_LABELS",
+    "CONFORMAL_SCORES",
+]
+
+#: The conformal scores of ``--conformal``, in the order of the report's table.
+CONFORMAL_SCORES = ("LAC", "APS", "RAPS")
 
 #: Metric keys of :attr:`ModelEvaluation.metrics`, with their labels in tables and reports.
 METRIC_LABELS: dict[str, str] = {
@@ -66,6 +84,8 @@ class ModelEvaluation:
     test_labels: Tensor
     ood: Predictions | None
     metrics: dict[str, float | None] = field(default_factory=dict)
+    #: :func:`conformal_results` when conformal prediction was asked for, else ``None``.
+    conformal: dict[str, Any] | None = None
 
     @property
     def correct(self) -> Tensor:
@@ -152,6 +172,46 @@ def predict_dataset(
     return Predictions(torch.cat(probs), torch.cat(entropy), torch.cat(mi), seconds)
 
 
+def conformal_results(evaluation: ModelEvaluation, alpha: float, *, seed: int = 0) -> dict[str, Any]:
+    """Split conformal sets from ``evaluation``'s test predictions: calibrated on a stratified
+    half of the test split, measured on the other half.
+
+    Args:
+        evaluation: a model's test predictions and labels.
+        alpha: allowed miscoverage in ``(0, 1)``.
+        seed: seed of the calibration carve.
+
+    Returns:
+        ``{"alpha", "calibration", "test", "carve", "scores": {score: {"coverage",
+        "mean_size", "strata": {"edges", "counts", "coverage", "size"}}}}``, plain values;
+        the strata are 5 equal-mass bins of the predictive entropy.
+
+    Raises:
+        ValueError: ``alpha`` outside ``(0, 1)``, or a calibration half smaller than
+            ``alpha`` needs.
+    """
+    probs, labels, entropy = evaluation.test.probs, evaluation.test_labels, evaluation.test.entropy
+    needed = minimum_calibration_size(alpha)
+    if len(labels) // 2 < needed:
+        raise ValueError(
+            f"conformal prediction at alpha={alpha} needs at least {needed} calibration examples; half of "
+            f"the {len(labels)} test examples is too few (use a larger alpha or test split)"
+        )
+    cal, test = calibration_split(len(labels), 0.5, seed=seed, labels=labels)
+    predictors = {"LAC": LAC(alpha), "APS": APS(alpha), "RAPS": RAPS(alpha, penalty=0.01, k_reg=1)}
+    scores = {}
+    for name, predictor in predictors.items():
+        result = predictor.fit(probs[cal], labels[cal]).evaluate(probs[test], labels[test], uncertainty=entropy[test])
+        scores[name] = {"coverage": result.coverage, "mean_size": result.mean_size, "strata": result.strata.as_dict()}
+    return {
+        "alpha": alpha,
+        "calibration": len(cal),
+        "test": len(test),
+        "carve": f"a stratified half of the test split (seed {seed}) calibrates, the other half measures",
+        "scores": scores,
+    }
+
+
 def evaluate_classifier(
     model: nn.Module,
     data: DatasetSplits,
@@ -164,6 +224,7 @@ def evaluate_classifier(
     show_progress: bool = True,
     dropout: bool = False,
     prediction: str = "mc",
+    conformal: float | None = None,
 ) -> ModelEvaluation:
     """Predict ``data``'s test and OOD inputs and compute every metric of the report.
 
@@ -177,6 +238,8 @@ def evaluate_classifier(
         data: the splits.
         name: the model's name in tables and reports.
         num_samples, batch_size, device, seed, show_progress, dropout, prediction: see :func:`predict_dataset`.
+        conformal: ``alpha`` of split conformal prediction sets (:func:`conformal_results`,
+            in :attr:`ModelEvaluation.conformal`), or ``None``.
 
     Returns:
         A :class:`ModelEvaluation`.
@@ -210,4 +273,6 @@ def evaluate_classifier(
         "train_seconds": None,  # known to the caller (the training history), see the demo
     }
     evaluation.metrics = {k: None if v is None else float(v) for k, v in values.items()}
+    if conformal is not None:
+        evaluation.conformal = conformal_results(evaluation, conformal, seed=seed)
     return evaluation

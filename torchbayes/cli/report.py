@@ -37,7 +37,7 @@ from typing import Any
 from torch import Tensor
 
 from torchbayes import metrics, plots
-from torchbayes.cli.evaluation import METRIC_LABELS, ModelEvaluation
+from torchbayes.cli.evaluation import CONFORMAL_SCORES, METRIC_LABELS, ModelEvaluation
 
 __all__ = [
     "Cell",
@@ -251,18 +251,63 @@ def _referral_figure(evaluations: Sequence[ModelEvaluation], images: Path) -> Fi
 
 
 def _referral_table(referral: Mapping[str, Any]) -> Table:
-    labels = list(referral["accuracy"])
-    rows = [
-        [f"{100 * f:.0f}%"] + [_percent(referral["accuracy"][label][i], 2) for label in labels]
-        for i, f in enumerate(referral["fractions"])
-    ]
+    # One row per curve, one column per fraction: the width stays fixed however many models
+    # are compared (a column per curve overflowed a 1280-px page with five models).
+    rows = [[label] + [_percent(acc, 1) for acc in accuracies] for label, accuracies in referral["accuracy"].items()]
     random = ", ".join(f"{name} {_percent(acc, 2)}" for name, acc in referral["random"].items())
     return Table(
-        ["referred", *labels],
+        ["referred", *(f"{100 * f:.0f}%" for f in referral["fractions"])],
         rows,
         title="Referral",
-        note="Accuracy on the kept test cases. Random referral keeps, on average, the accuracy "
-        f"without referral: {random}.",
+        note="Accuracy on the kept test cases when each fraction of the most uncertain ones is referred "
+        f"(column). Random referral keeps, on average, the accuracy without referral: {random}.",
+    )
+
+
+def _conformal_table(evaluations: Sequence[ModelEvaluation]) -> Table:
+    """Coverage and mean set size of each model's conformal sets (``evaluate --conformal``)."""
+    first = evaluations[0].conformal
+    assert first is not None
+    alpha = first["alpha"]
+    rows = []
+    for e in evaluations:
+        assert e.conformal is not None
+        scores = e.conformal["scores"]
+        row = [Cell(e.name)]
+        for name in CONFORMAL_SCORES:
+            row += [Cell(_percent(scores[name]["coverage"], 1)), Cell(_number(scores[name]["mean_size"], ".2f"))]
+        rows.append(row)
+    header = ["model"] + [f"{name} {what}" for name in CONFORMAL_SCORES for what in ("coverage", "size")]
+    return Table(
+        header,
+        rows,
+        title=f"Conformal prediction sets (alpha = {alpha:g}: at least {100 * (1 - alpha):g}% coverage)",
+        note=(
+            f"Split conformal prediction over each model's predictive probabilities: {first['carve']} "
+            f"({first['calibration']} calibration, {first['test']} measured). Coverage: fraction of test "
+            "labels inside their set; size: mean number of classes per set (smaller is more informative). "
+            "LAC: sets of the classes with probability >= 1 - q; APS: classes in order of probability "
+            "while their cumulative mass is within q (adapts to hard inputs); RAPS: APS with a penalty "
+            "0.01 per class beyond the first. Non-randomised, so coverage is at least 1 - alpha."
+        ),
+    )
+
+
+def _conformal_figure(evaluations: Sequence[ModelEvaluation], images: Path) -> Figure:
+    path = images / "conformal-size.png"
+    curves = {}
+    for e in evaluations:
+        assert e.conformal is not None
+        curves[f"{e.name}, APS"] = e.conformal["scores"]["APS"]["strata"]["size"]
+    alpha = evaluations[0].conformal["alpha"] if evaluations[0].conformal else 0.0
+    plots.set_size_plot(curves, title=f"APS set size against predictive entropy (alpha = {alpha:g})", path=path)
+    return Figure(
+        "Conformal prediction",
+        "set size against uncertainty",
+        "Mean APS set size in five equal-mass bins of each model's predictive entropy on the "
+        "measured half of the test split. Sets that grow with the uncertainty show that the "
+        "uncertainty tells which inputs are hard.",
+        path,
     )
 
 
@@ -545,6 +590,9 @@ def _write_files(
     figures = _make_figures(evaluations, images)
     if referral:
         figures.append(_referral_figure(evaluations, images))
+    conformal = [e for e in evaluations if e.conformal is not None]
+    if conformal:
+        figures.append(_conformal_figure(conformal, images))
     settings = dict(settings or {})
     histories = dict(histories or {})
     from torchbayes import __version__
@@ -561,6 +609,7 @@ def _write_files(
                 "num_samples": e.num_samples,
                 "metrics": e.metrics,
                 "training": list(histories.get(e.name, [])),
+                **({"conformal": e.conformal} if e.conformal is not None else {}),
             }
             for e in evaluations
         },
@@ -571,6 +620,8 @@ def _write_files(
     if referral:
         results["referral"] = referral_results(evaluations)
         extra_tables.insert(0, _referral_table(results["referral"]))
+    if conformal:
+        extra_tables.insert(0, _conformal_table(conformal))
     (directory / REPORT_JSON).write_text(json.dumps(_json_safe(results), indent=2) + "\n", encoding="utf-8")
 
     sections: dict[str, list[_FigureView]] = {}

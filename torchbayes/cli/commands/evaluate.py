@@ -18,6 +18,7 @@ from torchbayes.cli.arguments import (
     input_checks,
     load_data,
     positive_int,
+    probability,
 )
 from torchbayes.cli.errors import EXIT_OK
 from torchbayes.cli.training import TrainConfig, load_checkpoint, model_label
@@ -47,6 +48,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="how a Bayesian model predicts: mc (Monte Carlo samples, default) or moments "
         "(one pass propagating means and variances; see docs/moments.md)",
     )
+    parser.add_argument(
+        "--conformal",
+        type=probability,
+        default=None,
+        metavar="ALPHA",
+        help="add split conformal prediction sets (LAC, APS, RAPS) at miscoverage ALPHA, e.g. 0.1 for 90%% "
+        "coverage: calibrated on a stratified half of the test split, coverage and set size measured on "
+        "the other half (see docs/conformal.md)",
+    )
     parser.add_argument("--out", default="torchbayes-report", help="report folder (default ./torchbayes-report)")
     add_common(parser)
 
@@ -64,6 +74,7 @@ def evaluate_and_report(
     console: Console,
     int8: bool = False,
     prediction: str = "mc",
+    conformal: float | None = None,
 ) -> None:
     """Evaluate ``model`` on ``data``'s test and held-out inputs, print the comparison and write
     the report to ``out_dir`` (shared by ``train --report`` and ``evaluate``)."""
@@ -84,9 +95,14 @@ def evaluate_and_report(
             show_progress=not args.quiet,
             dropout=config.method == "dropout",
             prediction=prediction,
+            conformal=conformal,
         )
     except UnsupportedOperationError as e:  # the model cannot propagate moments: the user's choice
         raise BadInput(f"--prediction moments: {e}") from e
+    except ValueError as e:
+        if conformal is None or "conformal" not in str(e):
+            raise
+        raise BadInput(f"--conformal {conformal}: {e}") from e
     if history:  # its pre-training included
         evaluation.metrics["train_seconds"] = float(sum(h.get("seconds", 0.0) for h in history))
     console(comparison_table([evaluation]))
@@ -141,5 +157,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
         console=console,
         int8=ckpt.int8,
         prediction=args.prediction,
+        conformal=args.conformal,
     )
     return EXIT_OK
