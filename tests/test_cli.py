@@ -93,7 +93,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     models = results["models"]
     assert set(models) == {"deterministic mlp", "Bayesian mlp", "Bayesian mlp (moments)", "MC dropout mlp",
-                           "3-member ensemble of mlp"}
+                           "3-member ensemble of mlp", "IVON mlp"}
     num_classes = len(results["settings"]["data"]["classes"])  # 8: digits 8 and 9 are held out
     for name, entry in models.items():
         m = entry["metrics"]
@@ -117,13 +117,14 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert [h["epoch"] for h in models["Bayesian mlp"]["training"]] == list(range(1, 10))
     # The Bayesian model again, predicting by moment propagation (16 logit draws), flags OOD too.
     assert models["Bayesian mlp (moments)"]["num_samples"] == 16
-    for name in ("Bayesian mlp (moments)", "MC dropout mlp", "3-member ensemble of mlp"):
+    assert models["IVON mlp"]["num_samples"] == 16 and len(models["IVON mlp"]["training"]) == 7
+    for name in ("Bayesian mlp (moments)", "MC dropout mlp", "3-member ensemble of mlp", "IVON mlp"):
         assert models[name]["metrics"]["ood_auroc_mutual_information"] > 0.6
         assert models[name]["metrics"]["train_seconds"] > 0
 
     parser = _check_report_html(out)
-    # Reliability + risk-coverage per model, entropy histograms per model, MI for the 4 sampling ones.
-    assert len(parser.images) == 21  # 19 figures + the referral curve + the conformal set sizes
+    # Reliability + risk-coverage per model, entropy histograms per model, MI for the 5 sampling ones.
+    assert len(parser.images) == 25  # 23 figures + the referral curve + the conformal set sizes
     for image in results["images"]:
         assert (out / image).read_bytes().startswith(PNG_MAGIC)
     text = " ".join(parser.text)

@@ -1,4 +1,4 @@
-"""``torchbayes train --method bayesian|deterministic|dropout|ensemble``: training, checkpoints, reports."""
+"""``torchbayes train --method bayesian|deterministic|dropout|ensemble|ivon``: training, checkpoints, reports."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("methods")
     paths = {}
     for method, extra in (("dropout", ["--dropout", "0.2"]), ("ensemble", ["--members", "3"]),
-                          ("bayesian", ["--pretrain-epochs", "2", "--bayesian-layers", "1"])):
+                          ("bayesian", ["--pretrain-epochs", "2", "--bayesian-layers", "1"]),
+                          ("ivon", ["--ivon-epochs", "6", "--ivon-lr", "0.4"])):
         paths[method] = folder / f"{method}.pt"
         argv = ["train", *COMMON, "--method", method, *extra, "--epochs", "2", "--out", str(paths[method])]
         assert main(argv) == EXIT_OK
@@ -57,11 +58,18 @@ def test_checkpoints_rebuild_each_method(checkpoints):
     assert len(bayesian.history) == 4 and bayesian.config.moped  # 2 pre-training + 2 Bayesian epochs
     kinds = [type(m) for m in bayesian.model.modules() if isinstance(m, (nn.Linear, BayesLinear))]
     assert kinds == [nn.Linear, nn.Linear, BayesLinear]  # --bayesian-layers 1: the last layer only
+    ivon = load_checkpoint(paths["ivon"])
+    assert len(ivon.history) == 6 and ivon.config.ivon_lr == 0.4
+    layers = [m for m in ivon.model.modules() if isinstance(m, (nn.Linear, BayesLinear))]
+    assert [type(m) for m in layers] == [BayesLinear] * 3  # IVON's posterior covers every layer
+    # sigma = 1 / sqrt(ess * (h + weight_decay)) with h > 0: below the prior's 1 / sqrt(ess * weight_decay)
+    sigma = torch.nn.functional.softplus(layers[0].weight_rho.detach())
+    assert bool((sigma > 0).all()) and float(sigma.max()) < (len(data.train_x) * 1e-4) ** -0.5
 
 
 def test_evaluate_reports_baselines_like_bayesian_models(checkpoints, capsys):
     folder, paths = checkpoints
-    for method, samples in (("dropout", 8), ("ensemble", 3)):
+    for method, samples in (("dropout", 8), ("ensemble", 3), ("ivon", 8)):
         out = folder / f"report-{method}"
         assert main(["evaluate", str(paths[method]), "--out", str(out), "--num-samples", "8", "--quiet"]) == EXIT_OK
         (entry,) = json.loads((out / "results.json").read_text())["models"].values()
@@ -77,6 +85,8 @@ def test_evaluate_reports_baselines_like_bayesian_models(checkpoints, capsys):
     (["--method", "ensemble", "--members", "0"], "--members: must be a positive integer"),
     (["--kl-weight", "-1"], "--kl-weight: must be a finite number >= 0"),
     (["--pretrain-epochs", "-1"], "--pretrain-epochs: must be an integer >= 0"),
+    (["--method", "ivon", "--hess-init", "0"], "--hess-init"),
+    (["--method", "ivon", "--weight-decay", "-1"], "--weight-decay"),
 ])
 def test_bad_method_arguments_exit_2(argv, expected, tmp_path, capsys):
     assert main(["train", *argv, "--out", str(tmp_path / "x.pt")]) == EXIT_USAGE

@@ -13,6 +13,7 @@ import importlib
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -690,3 +691,303 @@ def test_issue22_moment_rules_subclasses_keywords_results_and_scales():
     assert predict(Keywords(), torch.randn(6, 4), method="moments").samples.isfinite().all()
     with pytest.raises(ValueError, match="overflows float32"):
         BayesLinear(4, 3, posterior_rho_init=1e20)
+
+
+# ====================================================================== issue 22, section 1 (report folders)
+# A folder is replaced only when everything in it, recursively, is what a report writes;
+# no path a command reads or writes may lie inside a folder it replaces; all of it is checked
+# before any work (exit 2), and a symlinked folder is written through.
+def _earlier_report(folder: Path) -> Path:
+    write_report(folder, [_evaluation("earlier")], title="earlier", referral=True)
+    return folder
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _foreign_trees(tmp_path: Path) -> list[tuple[Path, str]]:
+    """Earlier reports holding, somewhere inside, something a report does not write."""
+    cases = []
+    for name, make in [
+        ("photo in images/", lambda f: (f / "images" / "holiday.jpg").write_text("photo")),
+        ("subfolder in images/", lambda f: (f / "images" / "2024").mkdir()),
+        ("png of the user", lambda f: (f / "images" / "holiday.png").write_text("photo")),
+        ("folder named like a figure", lambda f: (f / "images" / "referral.png").unlink()
+         or (f / "images" / "referral.png").mkdir()),
+        ("folder named results.json", lambda f: (f / "results.json").unlink() or (f / "results.json").mkdir()
+         or (f / "results.json" / "data.csv").write_text("1,2")),
+        ("symlink as report.html", lambda f: (f / "report.html").unlink()
+         or (f / "report.html").symlink_to(tmp_path / "precious.txt")),
+        ("symlinked images/", lambda f: shutil.rmtree(f / "images") or (f / "images").symlink_to(tmp_path / "album")),
+        ("hidden file", lambda f: (f / ".notes").write_text("mine")),
+    ]:
+        folder = _earlier_report(tmp_path / name.replace(" ", "-").replace("/", ""))
+        make(folder)
+        cases.append((folder, name))
+    return cases
+
+
+def test_report_folder_with_anything_foreign_anywhere_is_refused(tmp_path, capsys, no_work):
+    (tmp_path / "precious.txt").write_text("precious")
+    (tmp_path / "album").mkdir()
+    (tmp_path / "album" / "cat.png").write_text("cat")
+    for folder, name in _foreign_trees(tmp_path):
+        before = _tree(folder)
+        for argv in (["evaluate", str(tmp_path / "m.pt"), "--out", str(folder)],
+                     ["train", "--report", str(folder), "--out", str(tmp_path / "m.pt")],
+                     ["demo", "--quick", "--out", str(folder)]):
+            assert main([*argv, "--quiet"]) == EXIT_USAGE, name
+            assert "not a report's" in _one_error_line(capsys.readouterr().err, argv[0]), name
+        with pytest.raises(ValueError, match="not a report's"):
+            write_report(folder, [_evaluation("new")], title="new")
+        assert _tree(folder) == before, name
+    assert (tmp_path / "precious.txt").read_text() == "precious" and (tmp_path / "album" / "cat.png").exists()
+
+
+def test_an_earlier_report_is_still_replaced(tmp_path):
+    folder = _earlier_report(tmp_path / "r")
+    report = write_report(folder, [_evaluation("second")], title="second", referral=True)
+    assert "second" in report.html.read_text() and sorted(os.listdir(tmp_path)) == ["r"]  # no leftovers
+
+
+def test_files_appearing_while_the_command_runs_are_never_deleted(tmp_path, monkeypatch):
+    from torchbayes.cli import report as report_module
+
+    folder = _earlier_report(tmp_path / "r")
+    real_check = report_module.check_report_folder
+
+    def check_then_user_writes(out_dir):  # the user saves a file while the model trains
+        checked = real_check(out_dir)
+        (folder / "images" / "notes.txt").write_text("mine")
+        return checked
+
+    monkeypatch.setattr(report_module, "check_report_folder", check_then_user_writes)
+    with pytest.raises(ValueError, match="appeared while the command ran"):
+        write_report(folder, [_evaluation("new")], title="new")
+    assert (folder / "images" / "notes.txt").read_text() == "mine" and (folder / "report.html").exists()
+    assert sorted(os.listdir(tmp_path)) == ["r"]
+
+
+def test_inputs_and_outputs_never_overlap(tmp_path, capsys, no_work):
+    model = tmp_path / "f10b" / "images" / "model.pt"
+    model.parent.mkdir(parents=True)
+    model.write_text("weights")
+    (tmp_path / "f2").mkdir()
+    (tmp_path / "moped.pt").write_text("weights")
+    cases = [
+        # train --out inside (or equal to, or holding) --report: the swap would replace the checkpoint
+        (["train", "--out", str(tmp_path / "f1" / "report.html"), "--report", str(tmp_path / "f1")], "lies inside"),
+        (["train", "--out", str(tmp_path / "f1" / "results.json"), "--report", str(tmp_path / "f1")], "lies inside"),
+        (["train", "--out", str(tmp_path / "f1" / "deep" / "m.pt"), "--report", str(tmp_path / "f1")], "lies inside"),
+        (["train", "--out", str(tmp_path / "same"), "--report", str(tmp_path / "same")], "same path"),
+        (["train", "--out", str(tmp_path / "m.pt"), "--report", str(tmp_path / "m.pt" / "r")], "lies inside"),
+        (["train", "--moped", str(tmp_path / "moped.pt"), "--out", str(tmp_path / "moped.pt")], "same path"),
+        (["train", "--moped", str(tmp_path / "f2" / "moped.pt"), "--report", str(tmp_path / "f2")], "lies inside"),
+        # evaluate: the checkpoint inside the report folder
+        (["evaluate", str(model), "--out", str(tmp_path / "f10b")], "lies inside"),
+        (["evaluate", str(tmp_path / "f2" / "m.pt"), "--out", str(tmp_path / "f2")], "lies inside"),
+        (["quantize", str(tmp_path / "moped.pt"), "--out", str(tmp_path / "moped.pt")], "same path"),
+        # an image folder read as data holding the output
+        (["train", "--dataset", str(tmp_path / "f2"), "--out", str(tmp_path / "f2" / "m.pt")], "lies inside"),
+    ]
+    for argv, expected in cases:
+        assert main([*argv, "--quiet"]) == EXIT_USAGE, argv
+        assert expected in _one_error_line(capsys.readouterr().err, argv[0]), argv
+    assert model.read_text() == "weights" and (tmp_path / "moped.pt").read_text() == "weights"
+
+
+def test_symlinked_report_folder_is_written_through(tmp_path):
+    target = _earlier_report(tmp_path / "target")
+    link = tmp_path / "link"
+    link.symlink_to(target, target_is_directory=True)
+    report = write_report(link, [_evaluation("through the link")], title="through the link")
+    assert link.is_symlink() and os.readlink(link) == str(target)  # the link stays a link
+    assert "through the link" in (target / "report.html").read_text()
+    assert report.html == link / "report.html" and report.html.exists()
+    assert sorted(os.listdir(tmp_path)) == ["link", "target"]
+
+
+def test_symlinked_checkpoint_is_written_through(tmp_path):
+    target = _cli_checkpoint(tmp_path / "target.pt")
+    link = tmp_path / "link.pt"
+    link.symlink_to(target)
+    _cli_checkpoint(link, seed=7)
+    assert link.is_symlink() and load_checkpoint(target).config.seed == 7
+
+
+def test_current_folder_and_its_parents_are_refused(tmp_path, capsys, no_work, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", str(work), "..", "sub/../.", str(tmp_path)):
+        for argv in (["evaluate", str(tmp_path.parent.parent / "m.pt"), "--out", out], ["demo", "--out", out]):
+            assert main([*argv, "--quiet"]) == EXIT_USAGE, out
+            assert "current" in _one_error_line(capsys.readouterr().err, argv[0])
+    assert work.exists() and os.getcwd() == str(work)
+
+
+def test_name_lengths_count_the_temporary_sibling(tmp_path, capsys, no_work):
+    # 250 bytes fit a file name (255), but not the report's temporary ".NAME.tmp-XXXXXXXX" (264)
+    for length in (242, 250, 255):
+        out = tmp_path / ("r" * length)
+        for argv in (["evaluate", str(tmp_path / "m.pt"), "--out", str(out)], ["demo", "--out", str(out)],
+                     ["train", "--out", str(tmp_path / "m.pt"), "--report", str(out)]):
+            assert main([*argv, "--quiet"]) == EXIT_USAGE
+            assert "too long" in _one_error_line(capsys.readouterr().err, argv[0])
+    report = write_report(tmp_path / ("r" * 241), [_evaluation("fits")], title="fits")  # 241 + 14 = 255
+    assert report.html.exists()
+
+
+# ====================================================================== issue 22, section 5 (checkpoint sizes)
+# The settings beside the weights (input shape, classes, members, image size, samples) are not
+# covered by the digest: none of them may drive an allocation before it is checked against the
+# stored tensors, and every refusal is exit 2.
+SIZE_CRAFTED = [
+    (lambda p: _settings(p).update(input_shape=[3, 1024, 1024]), "does not fit its settings"),  # mlp: 1.2G weights
+    (lambda p: _settings(p).update(input_shape=[1, 46000, 46000]), "input_shape must be"),
+    (lambda p: _settings(p).update(input_shape=[5000, 32, 32]), "input_shape must be"),
+    (lambda p: _settings(p).update(input_shape=[1, 8, 0]), "input_shape must be"),
+    (lambda p: _settings(p).update(num_classes=100_000), "does not fit its settings"),
+    (lambda p: _settings(p)["config"].update(model="resnet18"), "does not fit its settings"),
+    (lambda p: _settings(p)["config"].update(method="ensemble", num_members=1000), "num_members is 1000"),
+    (lambda p: _settings(p)["config"].update(image_size=10**6), "image_size must be an integer in [1, 1024]"),
+    (lambda p: _settings(p)["config"].update(num_samples=10**12), "num_samples must be an integer in [1, 10000]"),
+]
+
+
+@pytest.mark.parametrize("change, expected", SIZE_CRAFTED)
+def test_checkpoint_settings_cannot_drive_allocations(change, expected, tmp_path, capsys, monkeypatch):
+    from torchbayes.cli import training
+
+    path = _tamper(_cli_checkpoint(tmp_path / "m.pt"), change)
+    built = training.build_model
+
+    def only_on_meta(*args, **kwargs):  # a real (CPU) model is never built from refused settings
+        assert torch.empty(0).device.type == "meta", "a model was built before the settings were checked"
+        return built(*args, **kwargs)
+
+    monkeypatch.setattr(training, "build_model", only_on_meta)
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        load_checkpoint(path)
+    assert main(["evaluate", str(path), "--out", str(tmp_path / "r"), "--quiet"]) == EXIT_USAGE
+    assert expected in _one_error_line(capsys.readouterr().err, "evaluate")
+    assert not (tmp_path / "r").exists()
+
+
+def test_crafted_ensemble_member_count(tmp_path):
+    path = _cli_checkpoint(tmp_path / "e.pt", method="ensemble", num_members=3)
+    assert load_checkpoint(path).model.num_members == 3
+    _tamper(path, lambda p: _settings(p)["config"].update(num_members=2))
+    with pytest.raises(CheckpointError, match="num_members is 2 but the file holds the weights of 3 members"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--num-samples", str(10**9), "--report", "r"], "--num-samples: must be a positive integer at most 10,000"),
+    (["evaluate", "m.pt", "--num-samples", "10001"], "--num-samples: must be a positive integer at most 10,000"),
+    (["train", "--image-size", "100000"], "--image-size: must be a positive integer at most 1024"),
+    (["evaluate", "m.pt", "--image-size", "0"], "--image-size: must be a positive integer at most 1024"),
+])
+def test_sizes_from_the_command_line_are_bounded_up_front(argv, expected, capsys, no_work):
+    assert main([*argv, "--quiet"]) == EXIT_USAGE
+    assert expected in capsys.readouterr().err
+
+
+# ====================================================================== issue 22, section 6 (messages)
+def _epochs(*losses: float) -> list[EpochSummary]:
+    return [EpochSummary(epoch=i + 1, loss=v, nll=v, kl_per_example=0.0, train_accuracy=0.9, test_accuracy=0.9,
+                         seconds=0.0) for i, v in enumerate(losses)]
+
+
+def test_recipe_loss_is_compared_within_each_phase():
+    data = SimpleNamespace(train_y=torch.arange(400) % 4, num_classes=4)
+    recipe = TrainConfig(pretrain_epochs=3)  # the defaults: pre-training (cross-entropy), then the ELBO
+    # The ELBO adds the KL term: 0.05 -> 3.1 between the phases is no explosion.
+    assert training_warnings(_epochs(0.4, 0.1, 0.05, 3.2, 3.1, 3.0), data, recipe) == []
+    (elbo,) = training_warnings(_epochs(0.4, 0.1, 0.05, 3.0, 3.1, 80.0), data, recipe)
+    assert "exploded from 3 to 80" in elbo and "pre-training" not in elbo
+    (pre,) = training_warnings(_epochs(0.4, 9.0, 50.0, 3.2, 3.1, 3.0), data, recipe)
+    assert "of the pre-training exploded" in pre and "--pretrain-lr" in pre
+    # deterministic runs have one phase, whatever pretrain_epochs says
+    (det,) = training_warnings(_epochs(0.4, 0.1, 0.05, 3.2), data, TrainConfig(method="deterministic"))
+    assert "exploded from 0.05 to 3.2" in det
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"kl_weight": 1e6}, "--kl-weight 1e+06 makes the KL term dominate"),
+    ({"moped": True, "moped_delta": 50.0}, "--moped-delta 50"),
+    ({"prior_mu": 100.0}, "--prior-mu 100"),
+    ({"avuc": True, "avuc_beta": 1e4}, "--avuc-beta 10000"),
+    ({"moped": False, "posterior_rho_init": 20.0}, "--posterior-rho-init 20"),
+    ({"prior_sigma": 1e-5}, "--prior-sigma 1e-05"),
+    ({"lr": 1.0}, "--lr 1 is too large"),
+    ({"kl_weight": 5.0}, "or the defaults instead of --kl-weight 5"),
+    ({}, "try a smaller --lr than 0.001"),
+])
+def test_divergence_blames_the_setting_that_was_changed(settings, expected):
+    from torchbayes.cli.training import _likely_cause
+
+    cause = _likely_cause(TrainConfig(**settings))
+    assert expected in cause, cause
+    if "--lr" not in expected:
+        assert "--lr 0.001 is too large" not in cause
+
+
+def test_divergence_in_the_pre_training_names_pretrain_lr(tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    code = main(["train", "--dataset", "digits", "--pretrain-epochs", "1", "--pretrain-lr", "1e30", "--epochs", "1",
+                 "--out", str(out), "--quiet"])
+    assert code == EXIT_FAILURE
+    line = _one_error_line(capsys.readouterr().err, "train")
+    assert "diverged" in line and "--pretrain-lr 1e+30 is too large" in line and "smaller --lr " not in line
+    assert not out.exists()
+
+
+def _bn_data(n: int) -> SimpleNamespace:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 2, 2, generator=generator)
+    y = torch.arange(n) % 2
+    return SimpleNamespace(train_x=x, train_y=y, test_x=x, test_y=y, input_shape=(1, 2, 2), num_classes=2)
+
+
+def test_batchnorm_never_sees_a_batch_of_one():
+    from torchbayes.cli.training import batch_bounds, train_classifier
+
+    bn = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    assert batch_bounds(129, 64, bn) == [(0, 64), (64, 129)]  # the last one merged: every example once
+    assert batch_bounds(129, 64, plain) == [(0, 64), (64, 128), (128, 129)]
+    assert batch_bounds(65, 64, bn) == [(0, 65)] and batch_bounds(128, 64, bn) == [(0, 64), (64, 128)]
+    for n, size in ((10, 1), (1, 64)):
+        with pytest.raises(ValueError, match="BatchNorm layers, which need at least 2 examples per batch"):
+            batch_bounds(n, size, bn)
+    history = train_classifier(bn, _bn_data(65), TrainConfig(method="deterministic", batch_size=64, epochs=2),
+                               show_progress=False)
+    assert len(history) == 2 and all(math.isfinite(h.loss) for h in history)
+
+
+def test_bad_image_sizes_and_batch_sizes_are_exit_2_up_front(tmp_path, capsys):
+    from torchbayes.cli.models import build_model
+
+    with pytest.raises(ValueError, match="lenet needs images of at least 4x4 pixels, got 3x3"):
+        build_model("lenet", (1, 3, 3), 2)
+    assert build_model("lenet", (1, 4, 4), 2)(torch.rand(2, 1, 4, 4)).shape == (2, 2)
+    cases = [
+        (["train", "--dataset", "digits", "--image-size", "16"], "--image-size resizes the images of a folder"),
+        (["train", "--dataset", "digits", "--model", "resnet18", "--deterministic", "--batch-size", "1"],
+         "--batch-size: the model has BatchNorm layers"),
+    ]
+    for argv, expected in cases:
+        assert main([*argv, "--out", str(tmp_path / "m.pt"), "--quiet"]) == EXIT_USAGE
+        assert expected in _one_error_line(capsys.readouterr().err, "train")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_ensemble_prediction_is_not_refused_over_num_samples():
+    from torchbayes import Ensemble
+
+    ensemble = Ensemble([_dropout_net(), _dropout_net()])
+    # 10**9 samples of 2 inputs would need ~70 GB, but an ensemble's samples are its 2 members
+    result = predict(ensemble, torch.randn(2, 4), num_samples=10**9)
+    assert result.samples.shape == (2, 2, 3)

@@ -155,7 +155,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, extra: Ma
             conversions :func:`~torchbayes.conversion.dnn_to_bnn` applied to it (its
             :func:`~torchbayes.conversion.conversion_history`) are stored for :func:`rebuild`.
         path: destination file; it is replaced only once the new file is fully written,
-            so a failed save leaves an existing checkpoint intact.
+            so a failed save leaves an existing checkpoint intact. A symlink is written
+            through (its target is replaced; the link stays).
         extra: anything else to keep (epoch, metrics, an optimizer's ``state_dict()``);
             tensors and plain values only.
 
@@ -189,8 +190,9 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], *, extra: Ma
         "conversions": [report.to_dict() for report in conversion_history(model)],
         "extra": None if extra is None else dict(extra),
     }
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    # A symlink is written through: the link stays and the file it points to is replaced.
+    path = os.path.realpath(os.fspath(path))
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:

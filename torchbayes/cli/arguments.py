@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,8 @@ import torch
 
 from torchbayes.checkpoint import CheckpointError
 from torchbayes.cli.errors import BadInput
-from torchbayes.cli.report import check_report_folder, check_writable_parent
-from torchbayes.cli.training import MAX_SEED, TrainConfig
+from torchbayes.cli.report import check_report_folder, check_separate, check_writable_parent
+from torchbayes.cli.training import MAX_IMAGE_SIDE, MAX_SAMPLES, MAX_SEED, TrainConfig
 from torchbayes.datasets import BUILTIN_DATASETS, TORCHVISION_DATASETS, DatasetSplits, load_image_dataset
 
 __all__ = [
@@ -27,9 +27,12 @@ __all__ = [
     "Console",
     "add_common",
     "add_data",
+    "check_apart",
+    "check_image_size",
     "check_output_file",
     "check_output_folder",
     "data_source",
+    "image_inputs",
     "input_checks",
     "load_data",
     "shown",
@@ -69,6 +72,8 @@ probability = number_type(float, lambda v: 0 < v < 1, "a probability in (0, 1)")
 positive_float = number_type(float, lambda v: 0 < v < math.inf, "a positive finite number")
 finite_float = number_type(float, math.isfinite, "a finite number")
 seed_type = number_type(int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
+sample_count = number_type(int, lambda v: 1 <= v <= MAX_SAMPLES, f"a positive integer at most {MAX_SAMPLES:,}")
+image_side = number_type(int, lambda v: 1 <= v <= MAX_IMAGE_SIDE, f"a positive integer at most {MAX_IMAGE_SIDE}")
 
 
 def class_list(text: str) -> tuple[int, ...]:
@@ -123,7 +128,7 @@ def add_data(parser: argparse.ArgumentParser, *, required_default: str | None = 
     )
     parser.add_argument("--data-root", default=None, help="folder holding cifar10 / mnist-torchvision files")
     parser.add_argument(
-        "--image-size", type=positive_int, default=None, help="side images of a folder are resized to (default 32)"
+        "--image-size", type=image_side, default=None, help="side images of a folder are resized to (default 32)"
     )
     parser.add_argument(
         "--ood-classes",
@@ -158,6 +163,31 @@ def check_output_folder(path: str | Path, flag: str) -> None:
     """Raise BadInput unless a report can be written to the folder ``path``."""
     with input_checks(flag):
         check_report_folder(path)
+
+
+def check_apart(outputs: Mapping[str, str | Path | None], inputs: Mapping[str, str | Path | None]) -> None:
+    """Raise BadInput when an output path is an input, holds one or lies inside one, or two
+    outputs overlap (`torchbayes.cli.report.check_separate`); checked before any work."""
+    with input_checks():  # a torchvision --data-root is read file by file: an output may lie in it
+        check_separate(outputs, inputs, may_hold=("--data-root",))
+
+
+def check_image_size(args: argparse.Namespace) -> None:
+    """Raise BadInput when ``--image-size`` is given for data it does not resize (only the
+    images of a folder are resized; the built-in and torchvision data sets keep their size)."""
+    if getattr(args, "image_size", None) is not None and image_inputs(args)["--dataset"] is None:
+        raise BadInput(
+            f"--image-size resizes the images of a folder (--dataset PATH); {args.dataset or 'the data set'} "
+            "keeps its own image size"
+        )
+
+
+def image_inputs(args: argparse.Namespace) -> dict[str, str | None]:
+    """The image data paths a command reads: ``--dataset`` when it is a folder (not a data set
+    name) and ``--data-root``."""
+    dataset = getattr(args, "dataset", None)
+    folder = dataset if dataset is not None and dataset not in BUILTIN_DATASETS + TORCHVISION_DATASETS else None
+    return {"--dataset": folder, "--data-root": getattr(args, "data_root", None)}
 
 
 def data_source(args: argparse.Namespace, config: TrainConfig) -> tuple[str, str | None]:

@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 where = f": {e.filename!r}" if e.filename else ""
                 print(f"{prog}: failed: {e.strerror}{where}", file=sys.stderr)
                 return EXIT_FAILURE
-            detail = " ".join(str(e).split())[:500]
+            detail = " ".join(str(e).split())[:500] or ("out of memory" if isinstance(e, MemoryError) else "no message")
             print(
                 f"{prog}: failed: {type(e).__name__}: {detail} (TORCHBAYES_DEBUG=1 shows the traceback)",
                 file=sys.stderr,

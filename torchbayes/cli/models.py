@@ -41,6 +41,8 @@ class LeNet5(nn.Module):
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
         channels, height, width = input_shape
+        if min(height, width) < 4:  # two 2x2 poolings after padded 5x5 convolutions
+            raise ValueError(f"lenet needs images of at least 4x4 pixels, got {height}x{width}")
         pad2 = 2 if min(height, width) // 2 < 12 else 0  # keep >= 1 pixel after pooling
         self.features = nn.Sequential(
             nn.Conv2d(channels, 6, 5, padding=2),

@@ -10,7 +10,10 @@ model names, class names, settings and training histories may come from a checkp
 
 The folder is replaced atomically: the new report is written to a hidden sibling
 folder, then swapped in, so a failure (full disk, interrupt) leaves an earlier report
-intact.
+intact. A folder is replaced only when everything in it, recursively, is what a report
+writes (:func:`check_report_folder`); a symlinked folder is written through (the link
+stays, its target is replaced); and no path the command reads may lie inside a folder it
+replaces (:func:`check_separate`).
 
 Extending the page: a new model is one more :class:`ModelEvaluation` in ``evaluations``
 (a column of the metrics table, its figures, its training table); a new metric is a key
@@ -22,6 +25,7 @@ a new figure is a :class:`Figure` from ``_make_figures``; any other table is a
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import math
@@ -45,6 +49,7 @@ __all__ = [
     "Report",
     "Table",
     "check_report_folder",
+    "check_separate",
     "check_writable_parent",
     "comparison_table",
     "referral_results",
@@ -59,8 +64,17 @@ REPORT_JSON = "results.json"
 IMAGES_DIR = "images"
 TEMPLATE = "report.html.j2"
 
-#: What a report folder holds; an existing folder with anything else is not replaced.
-_REPORT_ENTRIES = frozenset({REPORT_HTML, REPORT_JSON, IMAGES_DIR})
+#: The names of the figures reports write into ``images/`` (``_make_figures``, ``_referral_figure``
+#: and the regression report's; slugs are ``[a-z0-9-]``). A folder holding anything else is not
+#: a report's, and is never replaced: a new kind of figure must be named here.
+_REPORT_IMAGE = re.compile(
+    r"(?:reliability|risk-coverage|uncertainty-(?:entropy|mi)|predicted-vs-true|error-vs-uncertainty)"
+    r"-[a-z0-9-]+\.png|(?:referral|calibration|conformal-size)\.png"
+)
+
+#: Bytes the hidden sibling's name adds to the folder's: ``.NAME.tmp-XXXXXXXX`` (and ``.old-``).
+_SIBLING_EXTRA = len(".") + len(".tmp-") + 8
+
 
 #: For each metric, whether a larger value is better (used to mark the best model).
 _HIGHER_IS_BETTER = {
@@ -392,33 +406,119 @@ def _json_safe(value: Any) -> Any:
 def check_report_folder(out_dir: str | Path) -> Path:
     """Raise unless a report can be written to ``out_dir``, before any work is done.
 
-    The folder may be new (its parent folders are created) or an earlier report (only
-    ``report.html``, ``results.json`` and ``images/`` in it): anything else in it would be
-    lost when the new report replaces it. The nearest existing parent must be a folder
-    this process can write in (checked by creating and removing a file there).
+    The folder may be new (its parent folders are created) or an earlier report: only
+    ``report.html``, ``results.json`` and ``images/`` holding the report's figures, checked
+    recursively (a subfolder, a symlink or any other file in it would be lost when the new
+    report replaces the folder, so such a folder is refused). A symlink to a folder is
+    written through: the link stays and the folder it points to is checked and replaced.
+    The current folder, or a folder holding it, is refused (it cannot be swapped away).
+    The names must fit the file system, including the hidden sibling
+    ``.NAME.tmp-XXXXXXXX`` the report is first written to, and the nearest existing parent
+    must be a folder this process can write in (checked by creating and removing a file).
 
     Args:
         out_dir: the report folder.
 
     Returns:
-        ``out_dir`` as a :class:`~pathlib.Path`.
+        The folder the report will replace: ``out_dir`` made absolute, symlinks resolved.
 
     Raises:
-        ValueError: ``out_dir`` is a file, lies under a file, holds other files, has
-            too long a name or cannot be written (the message says which).
+        ValueError: ``out_dir`` is a file, lies under a file, holds other files, is or
+            holds the current folder, has too long a name or cannot be written (the
+            message says which).
     """
-    directory = Path(out_dir)
+    shown = str(out_dir)
+    directory = _real(out_dir)
+    cwd = _real(os.getcwd())
+    if directory == cwd or directory in cwd.parents:
+        raise ValueError(
+            f"{shown!r} is {'the current folder' if directory == cwd else 'a folder holding the current one'}; "
+            "a report replaces its whole folder: give a new subfolder (e.g. report/)"
+        )
     if _exists(directory):
         if not directory.is_dir():
-            raise ValueError(f"{str(directory)!r} is a file, not a folder")
-        others = sorted(p.name for p in directory.iterdir() if p.name not in _REPORT_ENTRIES)
+            raise ValueError(f"{shown!r} is a file, not a folder")
+        others = _foreign_entries(directory)
         if others:
             raise ValueError(
-                f"{str(directory)!r} holds files that are not a report's ({', '.join(others[:3])}"
-                f"{', ...' if len(others) > 3 else ''}); give a new or empty folder"
+                f"{shown!r} holds files that are not a report's ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); replacing it would delete them: give a new or empty folder"
             )
-    check_writable_parent(directory)
+    check_writable_parent(directory, reserve=_SIBLING_EXTRA)
     return directory
+
+
+def _real(path: str | Path) -> Path:
+    """``path`` absolute, with every symlink resolved (also for parts that do not exist yet)."""
+    try:
+        return Path(os.path.realpath(os.path.abspath(path)))
+    except (OSError, ValueError) as e:  # a symlink loop, a NUL byte...
+        raise ValueError(f"{str(path)[:80]!r}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """What ``directory`` holds that a report does not write, as paths relative to it."""
+    foreign: list[str] = []
+    try:
+        for entry in os.scandir(directory):
+            if entry.name in (REPORT_HTML, REPORT_JSON) and entry.is_file(follow_symlinks=False):
+                continue
+            if entry.name == IMAGES_DIR and entry.is_dir(follow_symlinks=False):
+                for image in os.scandir(entry.path):
+                    if not (image.is_file(follow_symlinks=False) and _REPORT_IMAGE.fullmatch(image.name)):
+                        foreign.append(f"{IMAGES_DIR}/{image.name}")
+                continue
+            foreign.append(entry.name)
+    except OSError as e:
+        raise ValueError(f"cannot read {str(directory)!r}: {e.strerror or e}") from None
+    return sorted(foreign)
+
+
+def check_separate(
+    outputs: Mapping[str, str | Path | None],
+    inputs: Mapping[str, str | Path | None],
+    *,
+    may_hold: Sequence[str] = (),
+) -> None:
+    """Raise ``ValueError`` when an output path is an input, holds one, or lies inside one.
+
+    A command replaces its outputs (a file, a report folder) at the end: an input inside
+    an output folder (the checkpoint being evaluated, ``--moped``) would be deleted, an
+    output equal to an input would overwrite what the command reads, and two outputs that
+    overlap (``--out`` inside ``--report``) would overwrite each other. Paths are compared
+    after resolving symlinks. ``None`` entries (an option not given) are skipped.
+
+    Args:
+        outputs: option name -> path the command writes, e.g. ``{"--out": ..., "--report": ...}``.
+        inputs: option name -> path the command reads (a checkpoint, a data folder).
+        may_hold: inputs that may hold an output (a folder the command reads only known
+            files from, such as a torchvision ``--data-root``).
+
+    Example:
+        >>> check_separate({"--out": "r"}, {"checkpoint": "r/model.pt"})
+        Traceback (most recent call last):
+        ValueError: checkpoint 'r/model.pt' lies inside --out 'r', which the command replaces...
+    """
+    given_outputs = [(flag, str(path), _real(path)) for flag, path in outputs.items() if path is not None]
+    given_inputs = [(flag, str(path), _real(path)) for flag, path in inputs.items() if path is not None]
+    for i, (out_flag, out_shown, out_real) in enumerate(given_outputs):
+        others = [(f, s, r, "input") for f, s, r in given_inputs] + [
+            (f, s, r, "output") for f, s, r in given_outputs[i + 1 :]
+        ]
+        for flag, shown, real, kind in others:
+            if real == out_real:
+                raise ValueError(
+                    f"{out_flag} {out_shown!r} is the same path as {flag} {shown!r}; "
+                    + ("the command reads it, so it " if kind == "input" else "")
+                    + f"cannot be written over: give another {out_flag}"
+                )
+            if out_real in real.parents:
+                raise ValueError(
+                    f"{flag} {shown!r} lies inside {out_flag} {out_shown!r}, which the command replaces: "
+                    f"give another {out_flag}"
+                )
+            if real in out_real.parents and flag not in may_hold:
+                raise ValueError(f"{out_flag} {out_shown!r} lies inside {flag} {shown!r}: give another {out_flag}")
 
 
 def _exists(path: Path) -> bool:
@@ -432,12 +532,13 @@ def _exists(path: Path) -> bool:
     return True
 
 
-def check_writable_parent(path: str | Path) -> None:
+def check_writable_parent(path: str | Path, *, reserve: int = 0) -> None:
     """Raise ``ValueError`` unless ``path`` can be created: its names fit the file system and
     its nearest existing parent is a folder this process can write in.
 
     Args:
         path: a file or folder to be created (or replaced).
+        reserve: bytes the last name must leave free (a temporary sibling's longer name).
     """
     path = Path(os.path.abspath(path))
     ancestor = path.parent
@@ -448,11 +549,12 @@ def check_writable_parent(path: str | Path) -> None:
     if not ancestor.is_dir():
         raise ValueError(f"{str(ancestor)!r} is a file, not a folder")
     name_max = os.pathconf(ancestor, "PC_NAME_MAX") if hasattr(os, "pathconf") else 255
-    for name in missing:
-        if len(os.fsencode(name)) > name_max:
+    for i, name in enumerate(missing):  # missing[0] is the last name, the one with a temporary sibling
+        size = len(os.fsencode(name)) + (reserve if i == 0 else 0)
+        if size > name_max:
+            extra = f" with the {reserve} bytes of its temporary name" if reserve and i == 0 else ""
             raise ValueError(
-                f"the name {name[:40]!r}... is too long ({len(os.fsencode(name))} bytes; "
-                f"this file system allows {name_max})"
+                f"the name {name[:40]!r}... is too long ({size} bytes{extra}; this file system allows {name_max})"
             )
     try:
         with tempfile.TemporaryFile(dir=ancestor):
@@ -488,12 +590,20 @@ class _FigureView:
 def _swap_in(staging: Path, directory: Path) -> None:
     """Move the finished ``staging`` folder to ``directory``, replacing an earlier report.
 
-    The old folder is moved aside first and deleted only once the new one is in place;
-    if the second rename fails, the old one is put back.
+    The old folder is checked again (files may have appeared in it while the command
+    ran), moved aside, and removed only once the new one is in place, file by known file:
+    anything that is not a report's stays (in the hidden ``.NAME.old-*`` folder) rather
+    than being deleted. If the second rename fails, the old folder is put back.
     """
     if not directory.exists():
         os.rename(staging, directory)
         return
+    others = _foreign_entries(directory)
+    if others:
+        raise ValueError(
+            f"{str(directory)!r} now holds files that are not a report's ({', '.join(others[:3])}); "
+            "they appeared while the command ran, so the report was not written there"
+        )
     aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
     aside.rmdir()  # only its unique name is used
     os.rename(directory, aside)
@@ -502,7 +612,23 @@ def _swap_in(staging: Path, directory: Path) -> None:
     except BaseException:
         os.rename(aside, directory)
         raise
-    shutil.rmtree(aside, ignore_errors=True)
+    _remove_report(aside)
+
+
+def _remove_report(directory: Path) -> None:
+    """Delete a report's own files and folders in ``directory``, never anything else."""
+    for name in (REPORT_HTML, REPORT_JSON):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+            if not (directory / name).is_symlink() and (directory / name).is_file():
+                (directory / name).unlink()
+    images = directory / IMAGES_DIR
+    if images.is_dir() and not images.is_symlink():
+        for image in images.iterdir():
+            if _REPORT_IMAGE.fullmatch(image.name) and image.is_file() and not image.is_symlink():
+                image.unlink()
+    for folder in (images, directory):
+        with contextlib.suppress(OSError):  # not empty: something that is not a report's stays
+            folder.rmdir()
 
 
 def write_report(
@@ -544,7 +670,7 @@ def write_report(
     """
     if not evaluations:
         raise ValueError("write_report needs at least one evaluation")
-    directory = check_report_folder(out_dir)
+    directory = check_report_folder(out_dir)  # absolute, symlinks resolved: a linked folder is written through
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
@@ -563,8 +689,9 @@ def write_report(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    figures = [Figure(f.section, f.title, f.caption, directory / f.path.relative_to(staging)) for f in written]
-    return Report(directory, directory / REPORT_HTML, directory / REPORT_JSON, figures)
+    shown = Path(out_dir)  # the paths as the caller gave them (a symlink stays one)
+    figures = [Figure(f.section, f.title, f.caption, shown / f.path.relative_to(staging)) for f in written]
+    return Report(shown, shown / REPORT_HTML, shown / REPORT_JSON, figures)
 
 
 def _umask() -> int:

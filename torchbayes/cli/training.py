@@ -45,6 +45,7 @@ __all__ = [
     "train_classifier",
     "training_warnings",
     "accuracy_of",
+    "batch_bounds",
     "save_checkpoint",
     "load_checkpoint",
     "Checkpoint",
@@ -57,6 +58,13 @@ MAX_EPOCHS = 10**6
 MAX_CLASSES = 100_000
 MAX_SIDE = 65_536
 MAX_HISTORY = 10**6
+#: Images: the largest height and width, and the most values of one input (4 channels at
+#: that size). A checkpoint's input shape decides the size of the test forward made when
+#: the model is built, so it is bounded like the --image-size a user gives.
+MAX_IMAGE_SIDE = 1024
+MAX_INPUT_VALUES = 4 * MAX_IMAGE_SIDE**2
+#: The most Monte Carlo samples of an evaluation (the estimate's error is already ~1% at 10,000).
+MAX_SAMPLES = 10_000
 
 
 #: What ``torchbayes train --method`` trains (see :class:`TrainConfig`).
@@ -183,7 +191,8 @@ class TrainConfig:
                 f"1/(2 sigma^2) would overflow in float32), got {self.prior_sigma:g}"
             )
         _check_range("seed", self.seed, 0, MAX_SEED)
-        _check_range("image_size", self.image_size, 1, MAX_SIDE)
+        _check_range("image_size", self.image_size, 1, MAX_IMAGE_SIDE)
+        _check_range("num_samples", self.num_samples, 1, MAX_SAMPLES)
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction!r}")
         if len(self.ood_classes) > MAX_CLASSES or any(not 0 <= c < MAX_CLASSES for c in self.ood_classes):
@@ -368,7 +377,13 @@ def train_model(
         )
         deterministic = build_classifier(pretrain, data.input_shape, data.num_classes)
         history = train_classifier(
-            deterministic, data, pretrain, device=device, show_progress=show_progress, on_epoch=on_epoch
+            deterministic,
+            data,
+            pretrain,
+            device=device,
+            show_progress=show_progress,
+            on_epoch=on_epoch,
+            advice=lambda: _likely_cause(config, pretraining=True),
         )
         moped_source = {k: v.cpu() for k, v in deterministic.state_dict().items()}
     model = build_classifier(config, data.input_shape, data.num_classes, moped_source=moped_source)
@@ -409,6 +424,7 @@ def train_classifier(
     show_progress: bool = True,
     on_epoch: Callable[[EpochSummary], None] | None = None,
     first_epoch: int = 1,
+    advice: Callable[[], str] | None = None,
 ) -> list[EpochSummary]:
     """Train ``model`` in place with Adam on ``data``'s training split.
 
@@ -427,6 +443,8 @@ def train_classifier(
         show_progress: a progress bar per epoch on stderr.
         on_epoch: called with each epoch's summary (e.g. to print it).
         first_epoch: number of the first epoch (after a pre-training phase).
+        advice: the likely cause of a divergence, named in the error (default: the
+            settings of ``config`` most likely to blame).
 
     Returns:
         One :class:`EpochSummary` per epoch.
@@ -449,11 +467,11 @@ def train_classifier(
         order = torch.randperm(num_train, generator=generator)
         totals = {"loss": 0.0, "nll": 0.0, "avuc": 0.0, "correct": 0.0}
         seen_uncertainty, seen_correct = [], []
-        batches = range(0, num_train, config.batch_size)
-        for step, first in enumerate(
+        batches = batch_bounds(num_train, config.batch_size, model)
+        for step, (first, stop) in enumerate(
             progress_bar(batches, desc=f"epoch {epoch}/{last_epoch}", enabled=show_progress, unit="batch"), 1
         ):
-            idx = order[first : first + config.batch_size]
+            idx = order[first:stop]
             x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
             logits = model(x)
             if members:  # (M, B, C): the members' mean NLL; their sum is the loss
@@ -476,7 +494,7 @@ def train_classifier(
             if not math.isfinite(step_loss):
                 raise TrainingDiverged(
                     f"the loss became {step_loss} at epoch {epoch}, batch {step} of "
-                    f"{len(batches)}; {_likely_cause(config)}"
+                    f"{len(batches)}; {advice() if advice else _likely_cause(config)}"
                 )
             totals["loss"] += step_loss * len(idx)
             totals["nll"] += float(nll.detach()) * len(idx)
@@ -485,7 +503,8 @@ def train_classifier(
             threshold = uncertainty_threshold(torch.cat(seen_uncertainty), torch.cat(seen_correct))
         bad = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
         if bad is not None:  # the last step's update; earlier ones show in the next loss
-            raise TrainingDiverged(f"parameter {bad!r} became non-finite at epoch {epoch}; {_likely_cause(config)}")
+            cause = advice() if advice else _likely_cause(config)
+            raise TrainingDiverged(f"parameter {bad!r} became non-finite at epoch {epoch}; {cause}")
         kl = float(kl_divergence(model).detach()) / num_train if bayesian else 0.0
         summary = EpochSummary(
             epoch=epoch,
@@ -504,22 +523,91 @@ def train_classifier(
     return history
 
 
+def batch_bounds(num_train: int, batch_size: int, model: nn.Module) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` of each minibatch of an epoch over ``num_train`` shuffled examples.
+
+    BatchNorm cannot train on a batch of one example (no variance): for a model with
+    BatchNorm, a last batch of one is merged into the one before (every example is still
+    seen once per epoch), and a batch size of 1, or a single training example, is refused.
+
+    Raises:
+        ValueError: BatchNorm with ``batch_size`` 1 or one training example.
+    """
+    starts = list(range(0, num_train, batch_size))
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if batch_size < 2 or num_train < 2:
+            what = f"--batch-size {batch_size}" if batch_size < 2 else f"{num_train} training example"
+            raise ValueError(
+                f"the model has BatchNorm layers, which need at least 2 examples per batch to train; got {what}"
+            )
+        if num_train - starts[-1] == 1:
+            starts.pop()
+    return [
+        (start, min(start + batch_size, num_train) if i < len(starts) - 1 else num_train)
+        for i, start in enumerate(starts)
+    ]
+
+
 def _ensemble_logits(member_logits: Tensor) -> Tensor:
     """Log of the members' mean probabilities, ``(B, C)``, from their logits ``(M, B, C)``."""
     return torch.logsumexp(F.log_softmax(member_logits, -1), 0) - math.log(member_logits.shape[0])
 
 
-def _likely_cause(config: TrainConfig) -> str:
-    """The setting most likely to blame for a divergence, and the flag to change."""
-    if config.bayesian and config.posterior_rho_init > 5:
-        return (
-            f"likely cause: --posterior-rho-init {config.posterior_rho_init:g} (initial posterior sigma "
-            f"{F.softplus(torch.tensor(config.posterior_rho_init)).item():.3g}) is too large; try -3"
-        )
-    if config.bayesian and config.prior_sigma < 1e-3:
-        return f"likely cause: --prior-sigma {config.prior_sigma:g} is tiny, so the KL term dominates; try 0.1 to 1"
-    if config.lr > 0.05:
-        return f"likely cause: --lr {config.lr:g} is too large; try 1e-3"
+#: Settings that can make a training diverge, with their flags: the advice names the ones
+#: changed from the recipe's defaults when none is extreme.
+_UNSTABLE_SETTINGS = {
+    "lr": "--lr",
+    "kl_weight": "--kl-weight",
+    "prior_mu": "--prior-mu",
+    "prior_sigma": "--prior-sigma",
+    "posterior_rho_init": "--posterior-rho-init",
+    "moped_delta": "--moped-delta",
+    "avuc_beta": "--avuc-beta",
+}
+
+
+def _likely_cause(config: TrainConfig, *, pretraining: bool = False) -> str:
+    """The setting most likely to blame for a divergence, and the flag to change.
+
+    ``pretraining``: the deterministic pre-training diverged (only ``--pretrain-lr`` acts there).
+    """
+    if pretraining:
+        if config.pretrain_lr > 0.05:
+            return f"likely cause: --pretrain-lr {config.pretrain_lr:g} is too large; try 2e-3"
+        return f"in the deterministic pre-training; try a smaller --pretrain-lr than {config.pretrain_lr:g}"
+    bayesian = config.method == "bayesian"
+    extreme = [
+        # (condition, flag and value, why, what to try)
+        (
+            bayesian and not config.moped and config.posterior_rho_init > 5,
+            "--posterior-rho-init",
+            f"(initial posterior sigma {F.softplus(torch.tensor(config.posterior_rho_init)).item():.3g}) is too large",
+            "-3",
+        ),
+        (bayesian and config.prior_sigma < 1e-3, "--prior-sigma", "is tiny, so the KL term dominates", "0.1 to 1"),
+        (bayesian and config.kl_weight > 10, "--kl-weight", "makes the KL term dominate", "1"),
+        (
+            bayesian and config.moped and config.moped_delta > 1,
+            "--moped-delta",
+            "makes the posterior sigma larger than the weights",
+            "0.1 to 0.5",
+        ),
+        (bayesian and abs(config.prior_mu) > 1, "--prior-mu", "pulls every weight far from 0", "0"),
+        (config.avuc and config.avuc_beta > 10, "--avuc-beta", "makes the AvUC term dominate", "3"),
+        (config.lr > 0.05, "--lr", "is too large", "1e-3"),
+    ]
+    for condition, flag, why, advice in extreme:
+        if condition:
+            value = getattr(config, flag[2:].replace("-", "_"))
+            return f"likely cause: {flag} {value:g} {why}; try {advice}"
+    default = TrainConfig()
+    changed = [
+        f"{flag} {getattr(config, name):g}"
+        for name, flag in _UNSTABLE_SETTINGS.items()
+        if name != "lr" and getattr(config, name) != getattr(default, name) and (bayesian or name == "avuc_beta")
+    ]
+    if changed:
+        return f"try a smaller --lr than {config.lr:g}, or the defaults instead of {', '.join(changed)}"
     return f"try a smaller --lr than {config.lr:g}"
 
 
@@ -537,10 +625,20 @@ def training_warnings(history: Sequence[EpochSummary], data: DatasetSplits, conf
     lines: list[str] = []
     if not history:
         return lines
-    losses = [h.loss for h in history]
-    best, last = min(losses), losses[-1]
-    if len(losses) > 1 and last > 10 * abs(best) and last - best > 1:
-        lines.append(f"the loss exploded from {best:.4g} to {last:.4g}: training is unstable ({_likely_cause(config)})")
+    # The recipe's pre-training minimises the cross-entropy, then the ELBO (which adds the KL
+    # term): each phase's losses are compared among themselves only.
+    two_phases = config.method == "bayesian" and len(history) == config.pretrain_epochs + config.epochs
+    pretrained = config.pretrain_epochs if two_phases else 0
+    for pretraining, losses in (
+        (True, [h.loss for h in history[:pretrained]]),
+        (False, [h.loss for h in history[pretrained:]]),
+    ):
+        if len(losses) > 1 and losses[-1] > 10 * abs(min(losses)) and losses[-1] - min(losses) > 1:
+            phase = "of the pre-training " if pretraining else ""
+            lines.append(
+                f"the loss {phase}exploded from {min(losses):.4g} to {losses[-1]:.4g}: training is unstable "
+                f"({_likely_cause(config, pretraining=pretraining)})"
+            )
     # Chance: always answering the most frequent class. Above it, a model learnt something;
     # 3 binomial standard errors of that rate on N training examples is the margin of noise.
     counts = torch.bincount(data.train_y, minlength=data.num_classes).double()
@@ -650,6 +748,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 f"{str(path)!r} holds non-finite values (NaN or infinity) in {name!r}: "
                 "the training that wrote it diverged; retrain it"
             )
+    _check_size(path, payload["state_dict"], config, input_shape, num_classes)
     if int8:
         # Same architecture, quantized; every INT8 tensor and range is then loaded.
         from torchbayes.quantization import quantize
@@ -666,6 +765,39 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(model, config, input_shape, num_classes, history, int8)
 
 
+def _check_size(
+    path: str | Path, state: Mapping[str, Tensor], config: TrainConfig, input_shape: tuple[int, ...], num_classes: int
+) -> None:
+    """Refuse settings that describe a larger model than the file's tensors, before building it.
+
+    The settings (architecture, input shape, class count, ensemble members) are not covered
+    by the digest and decide how much memory the model takes: the deterministic architecture
+    they describe is built on the meta device (no memory), and its values must not
+    outnumber the stored ones (a Bayesian or INT8 model stores at least as many). The real
+    model is then at most a few times the file's tensors.
+    """
+    if config.method == "ensemble":
+        stored = {key.split(".", 2)[1] for key in state if key.startswith("members.")}
+        if len(stored) != config.num_members:
+            raise CheckpointError(
+                f"{str(path)!r} has malformed settings: num_members is {config.num_members} but the file "
+                f"holds the weights of {len(stored)} members"
+            )
+    base = replace(config, method="deterministic", moped=False) if config.bayesian else replace(config, moped=False)
+    with torch.device("meta"):
+        try:
+            model = _base_model(base, input_shape, num_classes)
+        except Exception as e:  # the settings name an architecture that cannot be built
+            raise CheckpointError(f"{str(path)!r}: its settings do not describe a model: {_first_line(e)}") from None
+    needed = sum(t.numel() for t in model.state_dict().values())
+    held = sum(t.numel() for t in state.values())
+    if needed > held:
+        raise CheckpointError(
+            f"{str(path)!r} does not fit its settings: a {config.model!r} model for inputs {tuple(input_shape)} "
+            f"and {num_classes} classes has {needed:,} values, but the file holds {held:,}"
+        )
+
+
 _SETTINGS_KEYS = frozenset({"config", "input_shape", "num_classes", "history", "int8"})
 
 
@@ -679,11 +811,13 @@ def _read_settings(settings: Mapping[str, Any]) -> tuple[TrainConfig, tuple[int,
     if (
         not isinstance(shape, (list, tuple))
         or len(shape) != 3
-        or not all(isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_SIDE for s in shape)
-        or math.prod(shape) > 2**31
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+        or max(shape[1:]) > MAX_IMAGE_SIDE
+        or math.prod(shape) > MAX_INPUT_VALUES
     ):
         raise ValueError(
-            f"input_shape must be (channels, height, width), 3 integers in [1, {MAX_SIDE}], got {_show(shape)}"
+            f"input_shape must be (channels, height, width): positive integers, height and width at most "
+            f"{MAX_IMAGE_SIDE}, at most {MAX_INPUT_VALUES:,} values, got {_show(shape)}"
         )
     num_classes = settings["num_classes"]
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_CLASSES:
@@ -695,6 +829,11 @@ def _read_settings(settings: Mapping[str, Any]) -> tuple[TrainConfig, tuple[int,
 
 
 _EPOCH_FIELDS = {f.name for f in fields(EpochSummary)}
+
+
+def _base_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The deterministic architecture ``config`` describes (see :func:`_check_size`)."""
+    return build_classifier(config, input_shape, num_classes)
 
 
 def _read_history(history: Any) -> list[dict[str, Any]]:

@@ -13,12 +13,16 @@ from torchbayes.cli.arguments import (
     Console,
     add_common,
     add_data,
+    check_apart,
+    check_image_size,
     check_output_folder,
     data_source,
+    image_inputs,
     input_checks,
     load_data,
     positive_int,
     probability,
+    sample_count,
 )
 from torchbayes.cli.errors import EXIT_OK
 from torchbayes.cli.training import TrainConfig, load_checkpoint, model_label
@@ -38,7 +42,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", help="a checkpoint written by 'torchbayes train'")
     add_data(parser, required_default=None)
     parser.add_argument(
-        "--num-samples", type=positive_int, default=None, help="Monte Carlo samples (default: the checkpoint's)"
+        "--num-samples", type=sample_count, default=None, help="Monte Carlo samples (default: the checkpoint's)"
     )
     parser.add_argument("--batch-size", type=positive_int, default=128, help="inputs per prediction call (default 128)")
     parser.add_argument(
@@ -117,6 +121,8 @@ def evaluate_and_report(
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``torchbayes evaluate`` with parsed ``args``; returns the exit code."""
+    check_apart({"--out": args.out}, {"checkpoint": args.checkpoint, **image_inputs(args)})
+    check_image_size(args)
     check_output_folder(args.out, "--out")
     with input_checks("checkpoint"):
         ckpt = load_checkpoint(args.checkpoint)

@@ -14,9 +14,12 @@ from torchbayes.cli.arguments import (
     Console,
     add_common,
     add_data,
+    check_apart,
+    check_image_size,
     check_output_file,
     check_output_folder,
     data_source,
+    image_inputs,
     input_checks,
     load_data,
     positive_int,
@@ -60,8 +63,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
 
     source = Path(args.checkpoint)
     out = check_output_file(args.out or source.with_name(source.stem + "-int8" + source.suffix), "--out")
+    check_apart({"--out": out, "--report": args.report}, {"checkpoint": args.checkpoint, **image_inputs(args)})
     if args.report is not None:
         check_output_folder(args.report, "--report")
+    check_image_size(args)
     with input_checks("checkpoint"):
         ckpt = load_checkpoint(args.checkpoint)
     if not ckpt.config.bayesian or ckpt.int8:

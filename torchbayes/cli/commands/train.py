@@ -12,9 +12,12 @@ from torchbayes.cli.arguments import (
     Console,
     add_common,
     add_data,
+    check_apart,
+    check_image_size,
     check_output_file,
     check_output_folder,
     finite_float,
+    image_inputs,
     input_checks,
     load_data,
     non_negative_float,
@@ -22,12 +25,14 @@ from torchbayes.cli.arguments import (
     positive_float,
     positive_int,
     probability,
+    sample_count,
 )
 from torchbayes.cli.commands.evaluate import evaluate_and_report
 from torchbayes.cli.errors import EXIT_OK
 from torchbayes.cli.training import (
     METHODS,
     TrainConfig,
+    batch_bounds,
     build_classifier,
     load_checkpoint,
     model_label,
@@ -148,7 +153,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=positive_float, default=d.lr, help=f"Adam learning rate (default {d.lr:g})")
     parser.add_argument(
         "--num-samples",
-        type=positive_int,
+        type=sample_count,
         default=d.num_samples,
         help=f"Monte Carlo samples when evaluating (default {d.num_samples})",
     )
@@ -195,6 +200,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.moped is not None and not config.bayesian:
         raise BadInput(f"--moped initialises a Bayesian model; it cannot be combined with --method {config.method}")
     out = check_output_file(args.out or f"torchbayes-{config.model}.pt", "--out")
+    check_apart({"--out": out, "--report": args.report}, {"--moped": args.moped, **image_inputs(args)})
+    check_image_size(args)
     if args.report is not None:
         check_output_folder(args.report, "--report")
     data = load_data(config.dataset, config.data_root, config.image_size, config.ood_classes, config.seed)
@@ -219,7 +226,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
             )
         moped_source = source.model.state_dict()
     with input_checks("--model"):  # an unknown or unsuitable architecture fails here, before training
-        build_classifier(replace(config, moped=False), data.input_shape, data.num_classes)
+        probe = build_classifier(replace(config, moped=False), data.input_shape, data.num_classes)
+    with input_checks("--batch-size"):  # BatchNorm cannot train on batches of one
+        batch_bounds(len(data.train_x), config.batch_size, probe)
     epochs = config.epochs + (config.pretrain_epochs if config.bayesian and moped_source is None else 0)
     console(
         f"training a {model_label(config)} on {data.name}: {len(data.train_x)} training, "
