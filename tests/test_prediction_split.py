@@ -304,8 +304,10 @@ def test_vision_transformer_runs_its_encoder_once_and_matches_the_loop(last_bloc
     vit = _tiny_vit(["heads", block], [f"{block}.self_attention"]) if last_block else _tiny_vit(["heads"])
     x = torch.randn(3, 3, 8, 8)
     first_mlp = vit.encoder.layers.encoder_layer_0.mlp[0].weight
-    patches, encoder = _assert_exact(vit, x, [((b, 0), (b, 1)) for b in range(3)], (vit.conv_proj.weight, first_mlp),
-                                     seed=8)
+    # Outputs of one example are correlated only through the Bayesian block (a lone Bayesian
+    # head on a fixed input gives independent outputs): correlations are checked there.
+    pairs = [((b, 0), (b, 1)) for b in range(3)] if last_block else []
+    patches, encoder = _assert_exact(vit, x, pairs, (vit.conv_proj.weight, first_mlp), seed=8)
     _assert_once_per_example(patches, 3)
     _assert_once_per_example(encoder, 3)
     assert whole_model_reason(vit) is None
@@ -340,7 +342,7 @@ def test_bert_like_classifier_runs_its_encoder_once_and_matches_the_loop() -> No
     torch.manual_seed(1)
     model = torchbayes.dnn_to_bnn(_TinyBert().eval(), {"posterior_rho_init": -2.0}, include=["head"]).eval()
     ids = torch.randint(0, 11, (4, 6))
-    (embedded,) = _assert_exact(model, ids, [((b, 0), (b, 2)) for b in range(4)], (model.embed.weight,), seed=9)
+    (embedded,) = _assert_exact(model, ids, [], (model.embed.weight,), seed=9)  # independent outputs: no correlations
     _assert_once_per_example(embedded, 4)
     assert _suffix_modules(model) == {"head"} and whole_model_reason(model) is None
 
