@@ -8,6 +8,7 @@ optionally plus the AvUC loss.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import types
@@ -68,7 +69,7 @@ MAX_SAMPLES = 10_000
 
 
 #: What ``torchbayes train --method`` trains (see :class:`TrainConfig`).
-METHODS: tuple[str, ...] = ("bayesian", "deterministic", "dropout", "ensemble")
+METHODS: tuple[str, ...] = ("bayesian", "deterministic", "dropout", "ensemble", "ivon")
 
 
 class TrainingDiverged(RuntimeError):
@@ -123,7 +124,11 @@ class TrainConfig:
             from), ``"deterministic"``, ``"dropout"`` (the architecture with dropout
             ``p = dropout`` before its fully connected layers, predicted by MC dropout) or
             ``"ensemble"`` (``num_members`` networks from different initialisations, a
-            :class:`torchbayes.Ensemble`).
+            :class:`torchbayes.Ensemble`) or ``"ivon"`` (the plain network trained by the
+            variational optimizer `torchbayes.optim.IVON` for ``ivon_epochs`` at learning
+            rate ``ivon_lr``, then converted to Bayesian layers by
+            `torchbayes.optim.ivon_to_bnn`; ``hess_init`` and ``weight_decay`` are IVON's,
+            its effective sample size the training set's size).
         pretrain_epochs: deterministic epochs before the conversion (Bayesian; 0: none).
         pretrain_lr: their Adam learning rate (``lr`` is the main training's).
         bayesian_layers: how many of the last weight layers are Bayesian (0: all).
@@ -153,6 +158,12 @@ class TrainConfig:
     kl_weight: float = 1.0
     dropout: float = 0.25
     num_members: int = 5
+    # IVON (method "ivon"): chosen by benchmarks/sweep_recipe.py --stage ivon on a validation
+    # split (docs/quality.md#ivon); 12 epochs stay within 1.3x the plain network's 10.
+    ivon_lr: float = 0.5
+    ivon_epochs: int = 12
+    hess_init: float = 0.5
+    weight_decay: float = 1e-4
     # The conversion half of the recipe: dnn_to_bnn's native defaults (one place).
     estimator: str = DEFAULT_SETTINGS.estimator
     prior_mu: float = DEFAULT_SETTINGS.prior_mu
@@ -178,7 +189,7 @@ class TrainConfig:
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         _check_range("epochs", self.epochs, 1, MAX_EPOCHS)
-        for name in ("lr", "pretrain_lr", "prior_sigma", "moped_delta", "avuc_beta"):
+        for name in ("lr", "pretrain_lr", "prior_sigma", "moped_delta", "avuc_beta", "ivon_lr", "hess_init"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -206,6 +217,9 @@ class TrainConfig:
         _check_range("pretrain_epochs", self.pretrain_epochs, 0, MAX_EPOCHS)
         _check_range("bayesian_layers", self.bayesian_layers, 0, MAX_EPOCHS)
         _check_range("num_members", self.num_members, 1, 1000)
+        _check_range("ivon_epochs", self.ivon_epochs, 1, MAX_EPOCHS)
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not (math.isfinite(self.kl_weight) and self.kl_weight >= 0):
             raise ValueError(f"kl_weight must be a finite number >= 0, got {self.kl_weight!r}")
         if not 0 < self.dropout < 1:
@@ -216,8 +230,8 @@ class TrainConfig:
 
     @property
     def bayesian(self) -> bool:
-        """``method == "bayesian"``: the model has Bayesian layers."""
-        return self.method == "bayesian"
+        """The trained model has Bayesian layers: ``method`` is ``"bayesian"`` or ``"ivon"``."""
+        return self.method in ("bayesian", "ivon")
 
     def prior_parameters(self) -> dict[str, Any]:
         """The reference's ``bnn_prior_parameters`` dictionary for :func:`torchbayes.dnn_to_bnn`."""
@@ -310,6 +324,8 @@ def build_classifier(
     model = build_model(config.model, input_shape, num_classes)
     if not config.bayesian:
         return model
+    if config.method == "ivon":  # the architecture ivon_to_bnn gives: every layer Bayesian
+        return dnn_to_bnn(model, estimator=config.estimator, moped=False, prior_mu=0.0, posterior_mu_init=0.0)
     if config.moped:
         if moped_source is None:
             raise ValueError("moped needs the deterministic model's weights (moped_source)")
@@ -330,6 +346,7 @@ def model_label(config: TrainConfig) -> str:
         "deterministic": "deterministic",
         "dropout": "MC dropout",
         "ensemble": f"{config.num_members}-member ensemble of",
+        "ivon": "IVON",
     }[config.method]
     return f"{kind} {config.model}"
 
@@ -371,7 +388,9 @@ def train_model(
     """
     torch.manual_seed(config.seed)
     history: list[EpochSummary] = []
-    if config.bayesian and config.pretrain_epochs and moped_source is None:
+    if config.method == "ivon":
+        return _train_ivon(config, data, device=device, show_progress=show_progress, on_epoch=on_epoch)
+    if config.method == "bayesian" and config.pretrain_epochs and moped_source is None:
         pretrain = replace(
             config, method="deterministic", epochs=config.pretrain_epochs, lr=config.pretrain_lr, avuc=False
         )
@@ -393,6 +412,33 @@ def train_model(
         model, data, phase, device=device, show_progress=show_progress, on_epoch=on_epoch, first_epoch=len(history) + 1
     )
     return model, history
+
+
+def _train_ivon(
+    config: TrainConfig,
+    data: DatasetSplits,
+    *,
+    device: torch.device | str,
+    show_progress: bool,
+    on_epoch: Callable[[EpochSummary], None] | None,
+) -> tuple[nn.Module, list[EpochSummary]]:
+    """The plain network trained by IVON, converted to the Bayesian layers of its posterior."""
+    from torchbayes.optim import IVON, ivon_to_bnn
+
+    network = build_model(config.model, data.input_shape, data.num_classes)  # images only (tables refuse ivon)
+    optimizer = IVON(
+        network.parameters(),
+        lr=config.ivon_lr,
+        ess=len(data.train_x),
+        hess_init=config.hess_init,
+        weight_decay=config.weight_decay,
+    )
+    phase = replace(config, epochs=config.ivon_epochs)
+    history = train_classifier(
+        network, data, phase, device=device, show_progress=show_progress, on_epoch=on_epoch, optimizer=optimizer
+    )
+    model = ivon_to_bnn(network, optimizer, estimator=config.estimator)
+    return model.eval(), history
 
 
 def _first_line(error: BaseException) -> str:
@@ -425,6 +471,7 @@ def train_classifier(
     on_epoch: Callable[[EpochSummary], None] | None = None,
     first_epoch: int = 1,
     advice: Callable[[], str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[EpochSummary]:
     """Train ``model`` in place with Adam on ``data``'s training split.
 
@@ -445,16 +492,20 @@ def train_classifier(
         first_epoch: number of the first epoch (after a pre-training phase).
         advice: the likely cause of a divergence, named in the error (default: the
             settings of ``config`` most likely to blame).
+        optimizer: instead of Adam at ``config.lr``; a `torchbayes.optim.IVON` gets
+            each step's forward and backward inside its ``sampled_params`` block.
 
     Returns:
         One :class:`EpochSummary` per epoch.
     """
     device = torch.device(device)
     model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sampled = getattr(optimizer, "sampled_params", None)  # IVON: one weight sample per step
     generator = torch.Generator().manual_seed(config.seed)
     num_train = len(data.train_x)
-    bayesian = config.bayesian
+    bayesian = config.method == "bayesian"  # the ELBO (IVON's KL is in its update)
     avuc = AvULoss(beta=config.avuc_beta) if config.avuc else None
     # AvUC's uncertainty threshold (Krishnan & Tickoo, 2020): first from the untrained
     # model's training-set uncertainties, then from each epoch's (uncertainty_threshold).
@@ -473,22 +524,24 @@ def train_classifier(
         ):
             idx = order[first:stop]
             x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
-            logits = model(x)
-            if members:  # (M, B, C): the members' mean NLL; their sum is the loss
-                nll = F.cross_entropy(logits.flatten(0, 1), y.repeat(members))
-                loss = nll * members
-                logits = _ensemble_logits(logits)
-            else:
-                nll = F.cross_entropy(logits, y)
-                loss = elbo_loss(nll, model, num_train, kl_weight=config.kl_weight) if bayesian else nll
-            if avuc is not None:
-                avuc_term = avuc(logits, y, threshold)
-                loss = loss + avuc_term
-                totals["avuc"] += float(avuc_term.detach()) * len(idx)
-                seen_uncertainty.append(avu_uncertainty(logits.detach()))
-                seen_correct.append(logits.detach().argmax(-1) == y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            sample = sampled(train=True) if sampled is not None else contextlib.nullcontext()
+            with sample:
+                logits = model(x)
+                if members:  # (M, B, C): the members' mean NLL; their sum is the loss
+                    nll = F.cross_entropy(logits.flatten(0, 1), y.repeat(members))
+                    loss = nll * members
+                    logits = _ensemble_logits(logits)
+                else:
+                    nll = F.cross_entropy(logits, y)
+                    loss = elbo_loss(nll, model, num_train, kl_weight=config.kl_weight) if bayesian else nll
+                if avuc is not None:
+                    avuc_term = avuc(logits, y, threshold)
+                    loss = loss + avuc_term
+                    totals["avuc"] += float(avuc_term.detach()) * len(idx)
+                    seen_uncertainty.append(avu_uncertainty(logits.detach()))
+                    seen_correct.append(logits.detach().argmax(-1) == y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
             step_loss = float(loss.detach())
             if not math.isfinite(step_loss):

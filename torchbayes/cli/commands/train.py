@@ -63,7 +63,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=METHODS,
         default=d.method,
         help=f"bayesian: dnn_to_bnn after deterministic pre-training, trained on the ELBO; "
-        f"deterministic: plain training; dropout: MC dropout; ensemble: a deep ensemble "
+        f"deterministic: plain training; dropout: MC dropout; ensemble: a deep ensemble; "
+        f"ivon: the plain network trained by the variational optimizer IVON, saved as Bayesian layers "
         f"(default {d.method})",
     )
     kind.add_argument(
@@ -144,6 +145,30 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help=f"--method ensemble: number of members (default {d.num_members})",
     )
     parser.add_argument(
+        "--ivon-lr",
+        type=positive_float,
+        default=d.ivon_lr,
+        help=f"--method ivon: IVON's learning rate (default {d.ivon_lr:g})",
+    )
+    parser.add_argument(
+        "--ivon-epochs",
+        type=positive_int,
+        default=d.ivon_epochs,
+        help=f"--method ivon: training epochs (default {d.ivon_epochs})",
+    )
+    parser.add_argument(
+        "--hess-init",
+        type=positive_float,
+        default=d.hess_init,
+        help=f"--method ivon: initial Hessian, sets the initial posterior std (default {d.hess_init:g})",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=non_negative_float,
+        default=d.weight_decay,
+        help=f"--method ivon: weight decay = prior precision per example (default {d.weight_decay:g})",
+    )
+    parser.add_argument(
         "--epochs",
         type=positive_int,
         default=d.epochs,
@@ -168,7 +193,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``torchbayes train`` with parsed ``args``; returns the exit code."""
     moped_source = None
     # A MOPED checkpoint replaces the pre-training; without either, the posterior starts from scratch.
-    pretrain_epochs = 0 if args.moped is not None else args.pretrain_epochs
+    pretrain_epochs = 0 if args.moped is not None or args.method == "ivon" else args.pretrain_epochs
     with input_checks():
         config = TrainConfig(
             dataset=args.dataset,
@@ -189,6 +214,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
             kl_weight=args.kl_weight,
             dropout=args.dropout,
             num_members=args.members,
+            ivon_lr=args.ivon_lr,
+            ivon_epochs=args.ivon_epochs,
+            hess_init=args.hess_init,
+            weight_decay=args.weight_decay,
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -197,7 +226,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
             avuc_beta=args.avuc_beta,
             seed=args.seed,
         )
-    if args.moped is not None and not config.bayesian:
+    if args.moped is not None and config.method != "bayesian":
         raise BadInput(f"--moped initialises a Bayesian model; it cannot be combined with --method {config.method}")
     out = check_output_file(args.out or f"torchbayes-{config.model}.pt", "--out")
     check_apart({"--out": out, "--report": args.report}, {"--moped": args.moped, **image_inputs(args)})
