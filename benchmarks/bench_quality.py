@@ -15,8 +15,16 @@ recipe: :class:`torchbayes.cli.training.TrainConfig`'s defaults), ``reference`` 
 reference's README recipe: bayesian-torch 0.5.0 ``dnn_to_bnn`` with its README prior
 dict, trained on ``CE + get_kl_loss / batch_size``), ``mc-dropout``, ``ensemble-5`` and
 ``laplace-ll`` (last-layer Kronecker Laplace of the plain network with laplace-torch,
-prior precision by marginal likelihood; the ``bench`` extra). Every classifier is scored
-from its ``(S, B, C)`` predictive samples by the same code (torchbayes.metrics).
+prior precision by marginal likelihood; the ``bench`` extra), ``ivon`` (``torchbayes train
+--method ivon``: the plain network trained by ``torchbayes.optim.IVON`` with TrainConfig's
+IVON settings, converted by ``ivon_to_bnn``, predicted by ``torchbayes.predict``) and
+``ivon-opt`` (the peer: ivon-opt 0.1.3's IVON with the same settings, data order and
+epochs, predicted by its own loop of ``sampled_params`` forwards). Every classifier is
+scored from its ``(S, B, C)`` predictive samples by the same code (torchbayes.metrics).
+
+On ``mnist`` the test digits are also rotated by 30 and 60 degrees (Ovadia et al., 2019,
+"Can you trust your model's uncertainty?"; bilinear, background 0): accuracy, NLL and ECE
+under that shift are the ``*_rot30`` / ``*_rot60`` columns.
 
 Run (one process, 2 threads; rows go to a JSON-lines file and finished rows are
 skipped, so it runs in pieces under the shared lock)::
@@ -51,7 +59,9 @@ from torchbayes.uncertainty import entropy_decomposition
 
 RESULTS = Path(__file__).with_name("results") / "bench_quality.jsonl"
 TASKS = ("mnist", "digits", "breast-cancer", "boston")
-METHODS = ("plain", "torchbayes", "reference", "mc-dropout", "ensemble-5", "laplace-ll")
+METHODS = ("plain", "torchbayes", "reference", "mc-dropout", "ensemble-5", "laplace-ll", "ivon", "ivon-opt")
+#: The rotated-test shift protocol (Ovadia et al., 2019) on the image task: test digits rotated by these angles.
+ANGLES = (30, 60)
 NUM_SAMPLES = 32
 #: The reference's README prior dict (bayesian-torch 0.5.0).
 README_PRIOR = {"prior_mu": 0.0, "prior_sigma": 1.0, "posterior_mu_init": 0.0, "posterior_rho_init": -3.0,
@@ -81,6 +91,7 @@ def _torchbayes_method(method: str, data: DatasetSplits, model: str, seed: int) 
         "torchbayes": {},  # TrainConfig's defaults: the recipe
         "mc-dropout": {"method": "dropout", **BASELINE},
         "ensemble-5": {"method": "ensemble", "num_members": 5, **BASELINE},
+        "ivon": {"method": "ivon", "batch_size": BASELINE["batch_size"]},  # TrainConfig's IVON settings
     }[method]
     config = TrainConfig(**task, **settings)
     trained, _ = train_model(config, data, show_progress=False)
@@ -103,6 +114,37 @@ def _reference_method(data: DatasetSplits, model: str, seed: int) -> Callable[[T
 
     def samples(x: Tensor) -> Tensor:  # its layers draw new weights on every forward
         return torch.stack([net(x).softmax(-1) for _ in range(NUM_SAMPLES)])
+
+    return samples
+
+
+def _ivon_opt_method(data: DatasetSplits, model: str, seed: int) -> Callable[[Tensor], Tensor]:
+    """ivon-opt 0.1.3's IVON with TrainConfig's IVON settings, the CLI's data order and epochs."""
+    import ivon
+
+    from torchbayes.cli.models import build_model
+
+    config = TrainConfig(dataset="mnist", model=model, seed=seed, method="ivon")
+    torch.manual_seed(seed)
+    net = build_model(model, data.input_shape, data.num_classes)
+    optimizer = ivon.IVON(net.parameters(), lr=config.ivon_lr, ess=len(data.train_x), hess_init=config.hess_init,
+                          weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(config.ivon_epochs):
+        for idx in torch.randperm(len(data.train_x), generator=generator).split(BASELINE["batch_size"]):
+            with optimizer.sampled_params(train=True):
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(net(data.train_x[idx]), data.train_y[idx]).backward()
+            optimizer.step()
+    net.eval()
+
+    def samples(x: Tensor) -> Tensor:  # its prediction: one forward per weight sample
+        out = []
+        for _ in range(NUM_SAMPLES):
+            with optimizer.sampled_params():
+                out.append(net(x).softmax(-1))
+        return torch.stack(out)
 
     return samples
 
@@ -148,6 +190,8 @@ def run_classification(task: str, method: str, seed: int) -> dict[str, Any]:
         sample = _reference_method(data, model, seed)
     elif method == "laplace-ll":
         sample = _laplace_method(data, model, seed)
+    elif method == "ivon-opt":
+        sample = _ivon_opt_method(data, model, seed)
     else:
         sample = _torchbayes_method(method, data, model, seed)
     train_s = time.perf_counter() - start
@@ -168,10 +212,23 @@ def run_classification(task: str, method: str, seed: int) -> dict[str, Any]:
         ood_entropy, _, ood_mutual = entropy_decomposition(ood)
         row["ood_auroc_entropy"] = float(metrics.ood_auroc(entropy, ood_entropy))
         row["ood_auroc_mi"] = float(metrics.ood_auroc(mutual, ood_mutual)) if test.shape[0] > 1 else None
+    if task == "mnist":
+        for angle in ANGLES:
+            shifted = _predict_in_batches(sample, rotate(data.test_x, angle)).mean(0)
+            row[f"accuracy_rot{angle}"] = float(metrics.accuracy(shifted, labels))
+            row[f"nll_rot{angle}"] = float(metrics.negative_log_likelihood(shifted, labels))
+            row[f"ece_rot{angle}"] = float(metrics.expected_calibration_error(shifted, labels, 15))
     if task == "breast-cancer":
         correct = probs.argmax(-1) == labels
         row["referral_accuracy_20"] = float(metrics.referral_curve(entropy, correct, [0.2])[0])
     return row
+
+
+def rotate(images: Tensor, degrees: float) -> Tensor:
+    """``images`` ``(N, C, H, W)`` rotated counter-clockwise by ``degrees`` (bilinear, background 0)."""
+    import torchvision.transforms.functional as TF
+
+    return TF.rotate(images, degrees, interpolation=TF.InterpolationMode.BILINEAR, fill=0.0)
 
 
 # ------------------------------------------------------------------ Boston regression
@@ -333,6 +390,7 @@ def training_times(rounds: int = 2) -> dict[str, float]:
         "torchbayes": TrainConfig(dataset="mnist", model=model),
         "mc-dropout": TrainConfig(dataset="mnist", model=model, method="dropout", **BASELINE),
         "ensemble-5": TrainConfig(dataset="mnist", model=model, method="ensemble", num_members=5, **BASELINE),
+        "ivon": TrainConfig(dataset="mnist", model=model, method="ivon", batch_size=BASELINE["batch_size"]),
     }
     fns = {name: (lambda c=c: train_model(c, data, show_progress=False)) for name, c in configs.items()}
     return {name: ms / 1000 for name, ms in time_interleaved(fns, rounds=rounds, iters=1, warmup=0).items()}
@@ -346,6 +404,7 @@ def _done(path: Path) -> set[tuple[str, str, int]]:
 
 
 COLUMNS = ("accuracy", "nll", "ece", "brier", "ood_auroc_entropy", "ood_auroc_mi", "referral_accuracy_20",
+           *(f"{m}_rot{a}" for a in ANGLES for m in ("accuracy", "nll", "ece")),
            "rmse", "test_ll", "train_s", "predict_ms_per_input")
 
 
@@ -389,6 +448,32 @@ def table(path: Path, times: Path | None = None) -> str:
     return "\n".join(out)
 
 
+def paired(path: Path, method: str, against: tuple[str, ...] = ("plain", "mc-dropout", "ensemble-5")) -> str:
+    """Differences ``method - other`` paired by seed (mean and min/max over the common seeds), per task."""
+    records: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in map(json.loads, path.read_text().splitlines()):
+        records[(r["task"], r["method"], r["seed"])] = r
+    columns = ("accuracy", "nll", "ece", "ood_auroc_entropy", "ood_auroc_mi", "nll_rot30", "ece_rot30", "nll_rot60",
+               "ece_rot60")
+    out = [f"| task | {method} minus | seeds | " + " | ".join(columns) + " |", "|---" * (len(columns) + 3) + "|"]
+    for task in TASKS:
+        for other in against:
+            seeds = sorted(s for (t, m, s) in records if t == task and m == method and (t, other, s) in records)
+            if not seeds:
+                continue
+            cells = []
+            for c in columns:
+                diffs = [records[(task, method, s)].get(c) for s in seeds]
+                base = [records[(task, other, s)].get(c) for s in seeds]
+                if any(v is None for v in diffs + base):
+                    cells.append("")
+                    continue
+                d = [a - b for a, b in zip(diffs, base)]
+                cells.append(f"{statistics.fmean(d):+.4f} [{min(d):+.4f}, {max(d):+.4f}]")
+            out.append(f"| {task} | {other} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
@@ -398,6 +483,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", action="store_true", help="print the tables of --out and exit")
+    parser.add_argument("--paired", default=None, metavar="METHOD",
+                        help="print METHOD's differences from plain, mc-dropout and ensemble-5, paired by seed")
     parser.add_argument("--training-times", action="store_true",
                         help="only time the MNIST trainings, interleaved in rounds (the time bar)")
     parser.add_argument("--times", type=Path, default=None,
@@ -405,6 +492,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         print(table(args.out, args.times))
+        return
+    if args.paired:
+        print(paired(args.out, args.paired))
         return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
     torch.set_num_threads(args.threads)
@@ -418,8 +508,8 @@ def main() -> None:
     for seed in args.seeds:
         for task in args.tasks:
             for method in args.methods:
-                if (task, method, seed) in done:
-                    continue
+                if (task, method, seed) in done or (task == "boston" and method.startswith("ivon")):
+                    continue  # IVON's regression is not part of this benchmark
                 if time.perf_counter() - start > args.budget_s:
                     print("budget spent; run again to continue")
                     return

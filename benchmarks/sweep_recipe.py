@@ -12,6 +12,7 @@ already there are skipped, so the sweep runs in pieces (``--budget-s``)::
 
     flock /tmp/cpu.lock python benchmarks/sweep_recipe.py --stage coarse --budget-s 300
     flock /tmp/cpu.lock python benchmarks/sweep_recipe.py --stage confirm --seeds 0 1 2
+    cpujob python benchmarks/sweep_recipe.py --stage ivon --seeds 0    # issue 20
     python benchmarks/sweep_recipe.py --table        # the markdown table of docs/quality.md
 """
 
@@ -70,6 +71,33 @@ COARSE: dict[str, dict[str, Any]] = {
     "lr 1e-3, 5 epochs, reparameterization": {**RECIPE, "lr": 1e-3, "epochs": 5, "estimator": "reparameterization"},
     "no MOPED, pretrain 0, 13 epochs": {**RECIPE, "pretrain_epochs": 0, "moped": False, "epochs": 13},
 }
+
+#: Issue 20: IVON (torchbayes.optim.IVON, then ivon_to_bnn) on the plain LeNet; ess = the
+#: training part's size. The learning rate and the length of training matter most (issue
+#: 20's first look); epochs stop at 12, within the time bar of 1.3x the plain network's 10.
+IVON_BASE: dict[str, Any] = {"method": "ivon", "ivon_lr": 0.3, "hess_init": 0.5, "weight_decay": 1e-4,
+                             "ivon_epochs": 10}  # the configurations spell out every setting they change
+IVON: dict[str, dict[str, Any]] = {
+    "ivon lr 0.1": {**IVON_BASE, "ivon_lr": 0.1},
+    "ivon lr 0.2": {**IVON_BASE, "ivon_lr": 0.2},
+    "ivon lr 0.3": IVON_BASE,
+    "ivon lr 0.5": {**IVON_BASE, "ivon_lr": 0.5},
+    "ivon lr 0.3, hess_init 0.1": {**IVON_BASE, "hess_init": 0.1},
+    "ivon lr 0.3, hess_init 1": {**IVON_BASE, "hess_init": 1.0},
+    "ivon lr 0.3, weight decay 1e-3": {**IVON_BASE, "weight_decay": 1e-3},
+    "ivon lr 0.3, 12 epochs": {**IVON_BASE, "ivon_epochs": 12},
+    "ivon lr 0.5, 12 epochs": {**IVON_BASE, "ivon_lr": 0.5, "ivon_epochs": 12},
+    # second round, from the first's trends (larger lr, smaller hess_init, weight decay 1e-3 helped)
+    "ivon lr 0.8, 12 epochs": {**IVON_BASE, "ivon_lr": 0.8, "ivon_epochs": 12},
+    "ivon lr 0.5, 12 epochs, hess_init 0.1": {**IVON_BASE, "ivon_lr": 0.5, "ivon_epochs": 12, "hess_init": 0.1},
+    "ivon lr 0.5, 12 epochs, hess_init 0.1, wd 1e-3": {**IVON_BASE, "ivon_lr": 0.5, "ivon_epochs": 12,
+                                                        "hess_init": 0.1, "weight_decay": 1e-3},
+    "ivon lr 1, 12 epochs, hess_init 0.1, wd 1e-3": {**IVON_BASE, "ivon_lr": 1.0, "ivon_epochs": 12,
+                                                      "hess_init": 0.1, "weight_decay": 1e-3},
+    "ivon lr 2, 12 epochs, hess_init 0.1, wd 1e-3": {**IVON_BASE, "ivon_lr": 2.0, "ivon_epochs": 12,
+                                                      "hess_init": 0.1, "weight_decay": 1e-3},
+}
+STAGES = {"coarse": COARSE, "confirm": COARSE, "ivon": {**IVON, **COARSE}}
 
 
 def validation_task(seed: int) -> DatasetSplits:
@@ -149,7 +177,8 @@ def table(path: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", choices=("coarse", "confirm"), default="coarse")
+    parser.add_argument("--stage", choices=sorted(STAGES), default="coarse",
+                        help="coarse/confirm: the ELBO recipe (issue 13); ivon: IVON's settings (issue 20)")
     parser.add_argument("--names", nargs="*", help="only these configurations (confirm: the top few)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--budget-s", type=float, default=300, help="start no configuration after this")
@@ -163,7 +192,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    names = args.names or list(COARSE)
+    configurations = STAGES[args.stage]
+    names = args.names or list(IVON if args.stage == "ivon" else COARSE)
     done = _done(args.out)
     start = time.perf_counter()
     for seed in args.seeds:
@@ -173,7 +203,7 @@ def main() -> None:
             if time.perf_counter() - start > args.budget_s:
                 print("budget spent; run again to continue")
                 return
-            record = run(name, COARSE[name], seed)
+            record = run(name, configurations[name], seed)
             with args.out.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"{name} seed {seed}: nll {record['nll']:.4f} ece {record['ece']:.4f} "
