@@ -474,7 +474,7 @@ def test_fit_trains_bayesian_members_on_their_elbo() -> None:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                totals[epoch] += float(loss) * 8
+                totals[epoch] += float(loss.detach()) * 8
     for a, b in zip(ensemble.parameters(), (p for m in reference for p in m.parameters())):
         torch.testing.assert_close(a, b)
     assert history == pytest.approx([t / 48 for t in totals])

@@ -626,73 +626,6 @@ def test_dnn_to_bnn_selectors_are_checked(selector, argument):
     assert not any(isinstance(m, BayesianModule) for m in model.modules())  # unchanged
 
 
-# ====================================================================== issue 22, sections 3-4 (reliab-ens)
-# The issue's reproductions; each class's variants are in tests/test_baselines.py (ensembles)
-# and tests/test_moments.py (moment propagation).
-def _issue22_net() -> nn.Module:
-    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
-
-
-def test_issue22_ensemble_mode_survives_a_bad_input_and_sees_changed_members():
-    from torchbayes import Ensemble
-
-    x = torch.randn(6, 4)
-    ensemble = Ensemble([_issue22_net() for _ in range(4)]).eval()
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
-        ensemble(torch.randn(6, 5))
-    assert ensemble.loop_reason() is None  # the caller's error flipped nothing
-    predict(ensemble, x)
-    for member in ensemble.members:
-        member[1] = nn.Tanh()
-    hook = ensemble.members[3][3].register_forward_hook(lambda m, a, out: out + 1.0)
-    with torch.no_grad():
-        expected = torch.stack([m(x) for m in ensemble.members])
-    torch.testing.assert_close(predict(ensemble, x).samples, expected)
-    hook.remove()
-    with pytest.raises(ValueError, match=r"same module object.*\[net\] \* M"):
-        Ensemble([_issue22_net()] * 4)
-
-
-def test_issue22_fit_ensemble_refusals_and_fallbacks():
-    from torchbayes import Ensemble, fit_ensemble
-    from torchbayes.nn import BayesLinear
-
-    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
-    for vectorize in (None, False):
-        with pytest.raises(ValueError, match="loss must return one scalar per minibatch"):
-            fit_ensemble(Ensemble([_issue22_net() for _ in range(2)]), x, y, vectorize=vectorize,
-                         loss=lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none"))
-    # A prior of sigma 1e-3 makes KL / N about 1e3 per example here (each weight's KL ~ 1e3),
-    # against a cross-entropy near log 3: a loss without the KL term could not reach 100.
-    bayesian = Ensemble([nn.Sequential(BayesLinear(4, 3, prior_sigma=1e-3)) for _ in range(2)])
-    history = fit_ensemble(bayesian, x, y, epochs=1, batch_size=12)
-    assert history[0] > 100
-
-
-def test_issue22_moment_rules_subclasses_keywords_results_and_scales():
-    from torchbayes.nn import BayesLinear
-    from torchbayes.prediction.moments import UnsupportedOperationError
-
-    class Doubled(nn.Linear):
-        def forward(self, x):
-            return 2 * super().forward(x)
-
-    with pytest.raises(UnsupportedOperationError, match=r"Doubled overrides forward\(\)"):
-        predict(nn.Sequential(BayesLinear(4, 8), Doubled(8, 3)), torch.randn(6, 4), method="moments")
-
-    class Keywords(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = BayesLinear(4, 3)
-
-        def forward(self, x):
-            return torch.mul(torch.sigmoid(input=self.fc(x)), other=2)
-
-    assert predict(Keywords(), torch.randn(6, 4), method="moments").samples.isfinite().all()
-    with pytest.raises(ValueError, match="overflows float32"):
-        BayesLinear(4, 3, posterior_rho_init=1e20)
-
-
 # ====================================================================== issue 22, section 1 (report folders)
 # A folder is replaced only when everything in it, recursively, is what a report writes;
 # no path a command reads or writes may lie inside a folder it replaces; all of it is checked
@@ -991,3 +924,70 @@ def test_ensemble_prediction_is_not_refused_over_num_samples():
     # 10**9 samples of 2 inputs would need ~70 GB, but an ensemble's samples are its 2 members
     result = predict(ensemble, torch.randn(2, 4), num_samples=10**9)
     assert result.samples.shape == (2, 2, 3)
+
+
+# ====================================================================== issue 22, sections 3-4 (reliab-ens)
+# The issue's reproductions; each class's variants are in tests/test_baselines.py (ensembles)
+# and tests/test_moments.py (moment propagation).
+def _issue22_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+
+def test_issue22_ensemble_mode_survives_a_bad_input_and_sees_changed_members():
+    from torchbayes import Ensemble
+
+    x = torch.randn(6, 4)
+    ensemble = Ensemble([_issue22_net() for _ in range(4)]).eval()
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        ensemble(torch.randn(6, 5))
+    assert ensemble.loop_reason() is None  # the caller's error flipped nothing
+    predict(ensemble, x)
+    for member in ensemble.members:
+        member[1] = nn.Tanh()
+    hook = ensemble.members[3][3].register_forward_hook(lambda m, a, out: out + 1.0)
+    with torch.no_grad():
+        expected = torch.stack([m(x) for m in ensemble.members])
+    torch.testing.assert_close(predict(ensemble, x).samples, expected)
+    hook.remove()
+    with pytest.raises(ValueError, match=r"same module object.*\[net\] \* M"):
+        Ensemble([_issue22_net()] * 4)
+
+
+def test_issue22_fit_ensemble_refusals_and_fallbacks():
+    from torchbayes import Ensemble, fit_ensemble
+    from torchbayes.nn import BayesLinear
+
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    for vectorize in (None, False):
+        with pytest.raises(ValueError, match="loss must return one scalar per minibatch"):
+            fit_ensemble(Ensemble([_issue22_net() for _ in range(2)]), x, y, vectorize=vectorize,
+                         loss=lambda out, t: torch.nn.functional.cross_entropy(out, t, reduction="none"))
+    # A prior of sigma 1e-3 makes KL / N about 1e3 per example here (each weight's KL ~ 1e3),
+    # against a cross-entropy near log 3: a loss without the KL term could not reach 100.
+    bayesian = Ensemble([nn.Sequential(BayesLinear(4, 3, prior_sigma=1e-3)) for _ in range(2)])
+    history = fit_ensemble(bayesian, x, y, epochs=1, batch_size=12)
+    assert history[0] > 100
+
+
+def test_issue22_moment_rules_subclasses_keywords_results_and_scales():
+    from torchbayes.nn import BayesLinear
+    from torchbayes.prediction.moments import UnsupportedOperationError
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(UnsupportedOperationError, match=r"Doubled overrides forward\(\)"):
+        predict(nn.Sequential(BayesLinear(4, 8), Doubled(8, 3)), torch.randn(6, 4), method="moments")
+
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = BayesLinear(4, 3)
+
+        def forward(self, x):
+            return torch.mul(torch.sigmoid(input=self.fc(x)), other=2)
+
+    assert predict(Keywords(), torch.randn(6, 4), method="moments").samples.isfinite().all()
+    with pytest.raises(ValueError, match="overflows float32"):
+        BayesLinear(4, 3, posterior_rho_init=1e20)

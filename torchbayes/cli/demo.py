@@ -12,6 +12,7 @@ unknown digits, and their training times.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -21,7 +22,14 @@ import torch
 
 from torchbayes.cli.evaluation import ModelEvaluation, describe_data, evaluate_classifier
 from torchbayes.cli.report import Report, comparison_table, write_report
-from torchbayes.cli.training import TrainConfig, build_classifier, model_label, train_classifier, train_model
+from torchbayes.cli.training import (
+    EpochSummary,
+    TrainConfig,
+    build_classifier,
+    model_label,
+    train_classifier,
+    train_model,
+)
 from torchbayes.datasets import load_dataset
 
 __all__ = ["DEMO_CONFORMAL_ALPHA", "DemoResult", "baseline_configs", "demo_configs", "ivon_config", "run_demo"]
@@ -112,6 +120,11 @@ def ivon_config(deterministic: TrainConfig) -> TrainConfig:
     return replace(deterministic, method="ivon", ivon_epochs=epochs)
 
 
+def _echo_epoch(echo: Callable[[str], None], epochs: int, summary: EpochSummary) -> None:
+    """Print one epoch's line, numbered out of ``epochs``."""
+    echo("  " + summary.line(epochs))
+
+
 def run_demo(
     out_dir: str | Path,
     *,
@@ -189,7 +202,7 @@ def run_demo(
             data,
             device=device,
             show_progress=show_progress,
-            on_epoch=lambda s: echo("  " + s.line(det_config.epochs)),
+            on_epoch=functools.partial(_echo_epoch, echo, epochs),
         )
         configs[name] = baseline
 

@@ -132,18 +132,21 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 return
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, dropout: float = 0.0) -> nn.Module:
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, *, dropout: float = 0.0, hidden: tuple[int, ...] = ()
+) -> nn.Module:
     """A deterministic classifier ``name`` for inputs of ``input_shape``.
 
     Args:
         name: ``"mlp"`` (784-400-400-10 for MNIST: two hidden layers of 400), ``"lenet"``
             (:class:`LeNet5`), or any torchvision classification model name
             (``"resnet18"``, ``"mobilenet_v3_small"``, ...), built without pretrained weights.
-        input_shape: ``(C, H, W)`` of one input.
+        input_shape: ``(C, H, W)`` of one input, or ``(D,)`` (a table's columns) for ``mlp``.
         num_classes: number of classes (logits).
         dropout: for ``mlp`` and ``lenet``, the probability of an ``nn.Dropout`` before
             each fully connected layer after the first (MC dropout's architecture; 0:
             none). torchvision models keep their own dropout (if any) and ignore it.
+        hidden: for ``mlp``, the hidden widths (empty: 400, 400).
 
     Returns:
         An ``nn.Module`` mapping ``(B, C, H, W)`` to ``(B, num_classes)`` logits. It is
@@ -155,12 +158,12 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, *, dr
     Example:
         >>> model = build_model("resnet18", (1, 28, 28), 10)
     """
-    if len(input_shape) != 3:
+    if len(input_shape) != 3 and not (name == "mlp" and len(input_shape) == 1):
         raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if name == "mlp":
-        model = _mlp(input_shape, num_classes, dropout=dropout)
+        model = _mlp(input_shape, num_classes, hidden or (400, 400), dropout=dropout)
     elif name == "lenet":
         model = LeNet5(input_shape, num_classes, dropout)
     else:

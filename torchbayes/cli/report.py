@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ __all__ = [
     "comparison_table",
     "referral_results",
     "write_report",
+    "write_report_folder",
 ]
 
 #: Fractions of cases referred whose accuracies go into the JSON (the plot uses 1% steps).
@@ -74,7 +75,6 @@ _REPORT_IMAGE = re.compile(
 
 #: Bytes the hidden sibling's name adds to the folder's: ``.NAME.tmp-XXXXXXXX`` (and ``.old-``).
 _SIBLING_EXTRA = len(".") + len(".tmp-") + 8
-
 
 #: For each metric, whether a larger value is better (used to mark the best model).
 _HIGHER_IS_BETTER = {
@@ -670,11 +670,9 @@ def write_report(
     """
     if not evaluations:
         raise ValueError("write_report needs at least one evaluation")
-    directory = check_report_folder(out_dir)  # absolute, symlinks resolved: a linked folder is written through
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        written = _write_files(
+    return write_report_folder(
+        out_dir,
+        lambda staging: _write_files(
             staging,
             evaluations,
             title=title,
@@ -683,7 +681,27 @@ def write_report(
             histories=histories,
             referral=referral,
             tables=tables,
-        )
+        ),
+    )
+
+
+def write_report_folder(out_dir: str | Path, write_files: Callable[[Path], list[Figure]]) -> Report:
+    """Write a report folder atomically: ``write_files`` fills a hidden sibling folder (and
+    returns its figures), which then replaces ``out_dir``; on any failure an earlier report
+    there stays as it was. Every report (classification, regression) is written through here.
+
+    Args:
+        out_dir: the report folder (see :func:`check_report_folder`).
+        write_files: writes ``report.html``, ``results.json`` and ``images/`` into the folder it is given.
+
+    Returns:
+        A :class:`Report` with the written paths.
+    """
+    directory = check_report_folder(out_dir)  # absolute, symlinks resolved: a linked folder is written through
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        written = write_files(staging)
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the report from other users
         _swap_in(staging, directory)
     except BaseException:

@@ -9,6 +9,7 @@ optionally plus the AvUC loss.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 import types
@@ -28,7 +29,7 @@ from torchbayes.checkpoint import CheckpointError
 from torchbayes.cli.models import build_model
 from torchbayes.cli.progress import progress_bar
 from torchbayes.conversion import DEFAULT_SETTINGS, dnn_to_bnn
-from torchbayes.datasets import DatasetSplits
+from torchbayes.datasets import DatasetSplits, TableSchema
 from torchbayes.elbo import elbo_loss, kl_divergence
 from torchbayes.ensemble import Ensemble
 from torchbayes.nn import posterior_mean
@@ -37,6 +38,7 @@ from torchbayes.priors import smallest_prior_sigma
 
 __all__ = [
     "METHODS",
+    "NOISE_MODELS",
     "TrainConfig",
     "EpochSummary",
     "TrainingDiverged",
@@ -70,6 +72,9 @@ MAX_SAMPLES = 10_000
 
 #: What ``torchbayes train --method`` trains (see :class:`TrainConfig`).
 METHODS: tuple[str, ...] = ("bayesian", "deterministic", "dropout", "ensemble", "ivon")
+#: Gaussian heads of a regressor (``torchbayes train --noise``): one learned noise
+#: variance, or a variance the network predicts per input.
+NOISE_MODELS: tuple[str, ...] = ("homoscedastic", "heteroscedastic")
 
 
 class TrainingDiverged(RuntimeError):
@@ -178,6 +183,15 @@ class TrainConfig:
     avuc: bool = False
     avuc_beta: float = 3.0
     seed: int = 0
+    # Tables (``--data``): the task, the Gaussian head of a regressor, the MLP's hidden
+    # widths (empty: the architecture's default) and the validation share of the rows.
+    task: str = "classification"
+    noise: str = "heteroscedastic"
+    hidden: tuple[int, ...] = ()
+    val_fraction: float = 0.0
+    # A Bayesian regressor's expected log-likelihood: "mc" (one weight sample per step) or
+    # "moments" (sampling-free, propagated moments; torchbayes.regression_elbo_loss).
+    objective: str = "mc"
 
     def __post_init__(self) -> None:
         # Types and ranges of every field: the values may come from a checkpoint file.
@@ -225,6 +239,16 @@ class TrainConfig:
         if not 0 < self.dropout < 1:
             raise ValueError(f"dropout must be in (0, 1), got {self.dropout!r}")
         self.estimator = canonical_estimator(self.estimator)
+        if self.task not in ("classification", "regression"):
+            raise ValueError(f"task must be classification or regression, got {_show(self.task)}")
+        if self.objective not in ("mc", "moments"):
+            raise ValueError(f"objective must be mc or moments, got {_show(self.objective)}")
+        if self.noise not in NOISE_MODELS:
+            raise ValueError(f"noise must be one of {NOISE_MODELS}, got {_show(self.noise)}")
+        if len(self.hidden) > 100 or any(not 1 <= h <= MAX_SIDE for h in self.hidden):
+            raise ValueError(f"hidden must be at most 100 widths in [1, {MAX_SIDE}], got {_show(self.hidden)}")
+        if not 0 <= self.val_fraction < 1 or self.test_fraction + self.val_fraction >= 1:
+            raise ValueError(f"val_fraction must be in [0, 1 - test_fraction), got {self.val_fraction!r}")
         if self.avuc and not self.bayesian:
             raise ValueError("avuc needs a Bayesian model (its uncertainty comes from weight samples)")
 
@@ -249,6 +273,7 @@ class TrainConfig:
         """The settings as plain Python types (for JSON and checkpoints)."""
         data = asdict(self)
         data["ood_classes"] = list(self.ood_classes)
+        data["hidden"] = list(self.hidden)
         return data
 
     @classmethod
@@ -312,16 +337,21 @@ def build_classifier(
         The model on the CPU.
     """
     if config.method == "ensemble":
-        return Ensemble([build_model(config.model, input_shape, num_classes) for _ in range(config.num_members)])
+        return Ensemble(
+            [
+                build_model(config.model, input_shape, num_classes, hidden=config.hidden)
+                for _ in range(config.num_members)
+            ]
+        )
     if config.method == "dropout":
-        model = build_model(config.model, input_shape, num_classes, dropout=config.dropout)
+        model = build_model(config.model, input_shape, num_classes, dropout=config.dropout, hidden=config.hidden)
         if not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
             raise ValueError(
                 f"method 'dropout' needs dropout layers: model {config.model!r} has none (use mlp, "
                 "lenet or a torchvision model with dropout, e.g. mobilenet_v3_small)"
             )
         return model
-    model = build_model(config.model, input_shape, num_classes)
+    model = build_model(config.model, input_shape, num_classes, hidden=config.hidden)
     if not config.bayesian:
         return model
     if config.method == "ivon":  # the architecture ivon_to_bnn gives: every layer Bayesian
@@ -728,6 +758,7 @@ class Checkpoint:
     num_classes: int
     history: list[dict[str, Any]]
     int8: bool = False
+    table: TableSchema | None = None
 
 
 #: Key of the command's settings inside the checkpoint's ``extra`` dict.
@@ -743,6 +774,7 @@ def save_checkpoint(
     history: Sequence[EpochSummary | Mapping[str, Any]] = (),
     *,
     int8: bool = False,
+    table: TableSchema | None = None,
 ) -> Path:
     """Save weights and settings with :func:`torchbayes.save_checkpoint` (atomically).
 
@@ -755,6 +787,7 @@ def save_checkpoint(
         config, input_shape, num_classes: what the model was built and trained with.
         history: the training epochs (summaries or their dicts).
         int8: ``model`` was quantized with :func:`torchbayes.quantization.quantize`.
+        table: a model trained on a table: its columns, classes and standardisation.
 
     Returns:
         ``path``.
@@ -771,6 +804,8 @@ def save_checkpoint(
             "int8": int8,
         }
     }
+    if table is not None:
+        extra[_EXTRA_KEY]["table"] = table.to_dict()
     checkpoint.save_checkpoint(model, path, extra=extra)
     return path
 
@@ -792,7 +827,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             "torchbayes command (no model settings in it)"
         )
     try:
-        config, input_shape, num_classes, history, int8 = _read_settings(settings)
+        config, input_shape, num_classes, history, int8, table = _read_settings(settings)
     except ValueError as e:  # the settings are not covered by the digest: a crafted file lands here
         raise CheckpointError(f"{str(path)!r} has malformed settings: {e}") from None
     for name, tensor in payload["state_dict"].items():
@@ -802,7 +837,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                 "the training that wrote it diverged; retrain it"
             )
     _check_size(path, payload["state_dict"], config, input_shape, num_classes)
-    if int8:
+    if config.task == "regression":
+        from torchbayes.cli.regression import build_regressor
+
+        base = replace(config, method="deterministic", moped=False) if config.bayesian else config
+        if config.bayesian:
+            model = checkpoint.rebuild(path, build_regressor(base, input_shape[0]))
+        else:
+            model = build_regressor(config, input_shape[0])
+            checkpoint.load_checkpoint(path, model)
+    elif int8:
         # Same architecture, quantized; every INT8 tensor and range is then loaded.
         from torchbayes.quantization import quantize
 
@@ -810,12 +854,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         checkpoint.load_checkpoint(path, model)
     elif config.bayesian:
         # rebuild() replays the recorded dnn_to_bnn call, then loads weights and priors.
-        model = checkpoint.rebuild(path, build_model(config.model, input_shape, num_classes))
+        model = checkpoint.rebuild(path, build_model(config.model, input_shape, num_classes, hidden=config.hidden))
     else:  # deterministic, dropout or ensemble: the same architecture, then its weights
         model = build_classifier(config, input_shape, num_classes)
         checkpoint.load_checkpoint(path, model)
     model.eval()
-    return Checkpoint(model, config, input_shape, num_classes, history, int8)
+    return Checkpoint(model, config, input_shape, num_classes, history, int8, table)
 
 
 def _check_size(
@@ -851,17 +895,51 @@ def _check_size(
         )
 
 
-_SETTINGS_KEYS = frozenset({"config", "input_shape", "num_classes", "history", "int8"})
+_SETTINGS_KEYS = frozenset({"config", "input_shape", "num_classes", "history", "int8", "table"})
 
 
-def _read_settings(settings: Mapping[str, Any]) -> tuple[TrainConfig, tuple[int, ...], int, list[dict[str, Any]], bool]:
+#: The most weights of a table's MLP (all members of an ensemble): 10^8 float32 are 400 MB.
+MAX_TABLE_WEIGHTS = 10**8
+
+
+def check_table_network(config: TrainConfig, in_features: int, outputs: int) -> None:
+    """Raise ``ValueError`` when the MLP ``config`` describes for a table is too large to build
+    (a crafted checkpoint, or ``--hidden 65536,65536``, would otherwise allocate gigabytes)."""
+    widths = [in_features, *(config.hidden or (50,)), outputs]
+    weights = sum((a + 1) * b for a, b in itertools.pairwise(widths))
+    weights *= config.num_members if config.method == "ensemble" else 1
+    if weights > MAX_TABLE_WEIGHTS:
+        raise ValueError(
+            f"the network for {in_features} inputs with hidden widths {list(config.hidden)} has {weights:,} "
+            f"weights, more than the {MAX_TABLE_WEIGHTS:,} allowed"
+        )
+
+
+def _read_settings(
+    settings: Mapping[str, Any],
+) -> tuple[TrainConfig, tuple[int, ...], int, list[dict[str, Any]], bool, TableSchema | None]:
     """Validate the command's settings stored in a checkpoint (types, ranges, known keys)."""
     unknown = sorted(str(k)[:40] for k in settings if k not in _SETTINGS_KEYS)
     if unknown or not {"config", "input_shape", "num_classes"} <= settings.keys():
         raise ValueError(f"expected the keys {sorted(_SETTINGS_KEYS)}, got {sorted(str(k)[:40] for k in settings)}")
     config = TrainConfig.from_dict(settings["config"])
+    table = TableSchema.from_dict(settings["table"]) if settings.get("table") is not None else None
     shape = settings["input_shape"]
-    if (
+    if table is not None:  # a table: one input per column
+        if (
+            not isinstance(shape, (list, tuple))
+            or not all(type(s) is int for s in shape)
+            or list(shape) != [len(table.feature_names)]
+        ):
+            raise ValueError(
+                f"input_shape must be [{len(table.feature_names)}] (the table's columns), got {_show(shape)}"
+            )
+        if table.task != config.task:
+            raise ValueError(f"the table's task {table.task!r} is not the config's {config.task!r}")
+        check_table_network(config, shape[0], max(2, len(table.classes)))
+    elif config.task != "classification":
+        raise ValueError(f"a {config.task} model needs its table schema")
+    elif (
         not isinstance(shape, (list, tuple))
         or len(shape) != 3
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
@@ -873,12 +951,16 @@ def _read_settings(settings: Mapping[str, Any]) -> tuple[TrainConfig, tuple[int,
             f"{MAX_IMAGE_SIDE}, at most {MAX_INPUT_VALUES:,} values, got {_show(shape)}"
         )
     num_classes = settings["num_classes"]
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be an integer in [2, {MAX_CLASSES}], got {_show(num_classes)}")
+    low = 0 if config.task == "regression" else 2
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not low <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes must be an integer in [{low}, {MAX_CLASSES}], got {_show(num_classes)}")
+    if table is not None and table.task == "classification" and num_classes != len(table.classes):
+        raise ValueError(f"num_classes {num_classes} is not the table's {len(table.classes)} classes")
     int8 = settings.get("int8", False)
     if not isinstance(int8, bool):
         raise ValueError(f"int8 must be true or false, got {_show(int8)}")
-    return config, tuple(shape), num_classes, _read_history(settings.get("history", [])), int8
+    history = _read_history(settings.get("history", []))
+    return config, tuple(shape), num_classes, history, int8, table
 
 
 _EPOCH_FIELDS = {f.name for f in fields(EpochSummary)}
@@ -886,6 +968,10 @@ _EPOCH_FIELDS = {f.name for f in fields(EpochSummary)}
 
 def _base_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The deterministic architecture ``config`` describes (see :func:`_check_size`)."""
+    if config.task == "regression":
+        from torchbayes.cli.regression import build_regressor
+
+        return build_regressor(config, input_shape[0])
     return build_classifier(config, input_shape, num_classes)
 
 

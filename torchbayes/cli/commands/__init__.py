@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from torchbayes.cli.commands import demo, evaluate, medical, quantize, train
+from torchbayes.cli.commands import demo, evaluate, medical, predict, quantize, train
 
 __all__ = ["COMMANDS"]
 
@@ -15,5 +15,6 @@ COMMANDS: dict[str, ModuleType] = {
     "medical": medical,
     "train": train,
     "evaluate": evaluate,
+    "predict": predict,
     "quantize": quantize,
 }

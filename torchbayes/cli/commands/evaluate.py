@@ -25,7 +25,8 @@ from torchbayes.cli.arguments import (
     sample_count,
 )
 from torchbayes.cli.errors import EXIT_OK
-from torchbayes.cli.training import TrainConfig, load_checkpoint, model_label
+from torchbayes.cli.tabular import add_table_arguments
+from torchbayes.cli.training import Checkpoint, TrainConfig, load_checkpoint, model_label
 from torchbayes.datasets import DatasetSplits
 
 __all__ = ["add_parser", "evaluate_and_report", "run"]
@@ -62,6 +63,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "the other half (see docs/conformal.md)",
     )
     parser.add_argument("--out", default="torchbayes-report", help="report folder (default ./torchbayes-report)")
+    add_table_arguments(parser, training=False)
+    parser.add_argument(
+        "--no-baselines",
+        dest="baselines",
+        action="store_false",
+        help="table regressors: leave out the baselines (plain network with learned noise, MC dropout, deep "
+        "ensemble) trained on the same training split for the report",
+    )
     add_common(parser)
 
 
@@ -121,12 +130,16 @@ def evaluate_and_report(
 
 def run(args: argparse.Namespace, console: Console) -> int:
     """Run ``torchbayes evaluate`` with parsed ``args``; returns the exit code."""
-    check_apart({"--out": args.out}, {"checkpoint": args.checkpoint, **image_inputs(args)})
+    check_apart({"--out": args.out}, {"checkpoint": args.checkpoint, "--data": args.data, **image_inputs(args)})
     check_image_size(args)
     check_output_folder(args.out, "--out")
     with input_checks("checkpoint"):
         ckpt = load_checkpoint(args.checkpoint)
     config = ckpt.config
+    if ckpt.table is not None:
+        return _run_table(args, ckpt, console)
+    if args.data is not None:
+        raise BadInput(f"--data reads a table; checkpoint {args.checkpoint!r} holds an image model (use --dataset)")
     if args.prediction == "moments" and (ckpt.int8 or config.method != "bayesian"):
         what = "an INT8 model" if ckpt.int8 else f"a {model_label(config)} model"
         raise BadInput(
@@ -164,5 +177,35 @@ def run(args: argparse.Namespace, console: Console) -> int:
         int8=ckpt.int8,
         prediction=args.prediction,
         conformal=args.conformal,
+    )
+    return EXIT_OK
+
+
+def _run_table(args: argparse.Namespace, ckpt: Checkpoint, console: Console) -> int:
+    """``evaluate`` of a model trained on a table (``--data`` gives the file)."""
+    from torchbayes.cli.tabular import evaluation_rows, report_table_model
+
+    assert ckpt.table is not None
+    images = [f for f, v in (("--dataset", args.dataset), ("--data-root", args.data_root)) if v is not None]
+    if images:
+        raise BadInput(f"{images[0]} reads images; checkpoint {args.checkpoint!r} holds a table model (use --data)")
+    if args.prediction == "moments":
+        raise BadInput("--prediction moments is for image classifiers; a table model predicts with --prediction mc")
+    if args.conformal is not None:
+        raise BadInput("--conformal is for image classifiers; for a table model use torchbayes.conformal in Python")
+    splits, table = evaluation_rows(args.data, args.checkpoint, ckpt.table, ckpt.config, console)
+    report_table_model(
+        ckpt.model.to(args.device),
+        ckpt.config,
+        ckpt.table,
+        splits,
+        table,
+        history=ckpt.history,
+        out_dir=args.out,
+        num_samples=args.num_samples or ckpt.config.num_samples,
+        batch_size=args.batch_size,
+        baselines=args.baselines,
+        args=args,
+        console=console,
     )
     return EXIT_OK

@@ -69,6 +69,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
     check_image_size(args)
     with input_checks("checkpoint"):
         ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.table is not None:
+        raise BadInput(f"checkpoint {args.checkpoint!r} holds a model of a table; quantize handles image models")
     if not ckpt.config.bayesian or ckpt.int8:
         what = "an INT8 model already" if ckpt.int8 else "a deterministic model"
         raise BadInput(f"checkpoint {args.checkpoint!r} holds {what}; quantize expects a Bayesian float one")
