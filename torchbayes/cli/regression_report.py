@@ -40,6 +40,7 @@ from torchbayes.cli.report import (
     _json_safe,
     _render,
     _slug,
+    aligned_text,
     write_report_folder,
 )
 from torchbayes.datasets import Standardization
@@ -245,16 +246,10 @@ def _best(evaluations: Sequence[RegressionEvaluation], key: str) -> float | None
 
 def regression_table(evaluations: Sequence[RegressionEvaluation]) -> str:
     """The models' metrics side by side, as aligned plain text for the console."""
-    header = ["metric", *(e.name for e in evaluations)]
     rows = [
         [label, *(_format(k, e.metrics.get(k)) for e in evaluations)] for k, label in REGRESSION_METRIC_LABELS.items()
     ]
-    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    return "\n".join(lines)
+    return aligned_text(["metric", *(e.name for e in evaluations)], rows)
 
 
 def _metrics_table(evaluations: Sequence[RegressionEvaluation], unit: str) -> Table:

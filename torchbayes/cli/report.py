@@ -51,6 +51,7 @@ __all__ = [
     "check_report_folder",
     "check_separate",
     "check_writable_parent",
+    "aligned_text",
     "comparison_table",
     "referral_results",
     "write_report",
@@ -158,15 +159,19 @@ def _format(key: str, value: float | None) -> str:
 
 def comparison_table(evaluations: Sequence[ModelEvaluation]) -> str:
     """The models' metrics side by side, as aligned plain text for the console."""
-    names = [e.name for e in evaluations]
     rows = [[METRIC_LABELS[k], *(_format(k, e.metrics.get(k)) for e in evaluations)] for k in METRIC_LABELS]
-    header = ["metric", *names]
+    return aligned_text(["metric", *(e.name for e in evaluations)], rows)
+
+
+def aligned_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """``header`` and ``rows`` as plain-text columns: the first left-aligned, the others
+    right-aligned, with a rule under the header."""
     widths = [max(len(r[i]) for r in [*rows, header]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for row in rows:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-    return "\n".join(lines)
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(row) for row in rows)])
 
 
 def _make_figures(evaluations: Sequence[ModelEvaluation], images: Path) -> list[Figure]:
