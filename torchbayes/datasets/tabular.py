@@ -581,6 +581,21 @@ def _read_numpy(
     )
 
 
+def _table_file(path: str | os.PathLike[str]) -> tuple[Path, str, str]:
+    """``(path, where, suffix)`` of an existing table file: ``where`` names it in messages
+    (shortened to 120 characters), ``suffix`` is its lower-case extension."""
+    path = Path(path)
+    where = repr(str(path)) if len(str(path)) <= 120 else repr("..." + str(path)[-117:])
+    if not path.exists():
+        raise FileNotFoundError(f"{where} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{where} is a folder, not a table file")
+    suffix = path.suffix.lower()
+    if suffix not in TABULAR_SUFFIXES:
+        raise ValueError(f"{where}: expected a table file ending in {', '.join(TABULAR_SUFFIXES)}")
+    return path, where, suffix
+
+
 def read_table(
     path: str | os.PathLike[str],
     *,
@@ -621,15 +636,7 @@ def read_table(
         raise ValueError(f"task must be one of {TABULAR_TASKS}, got {task!r}")
     if isinstance(max_values, bool) or not isinstance(max_values, int) or max_values < 1:
         raise ValueError(f"max_values must be a positive integer, got {max_values!r}")
-    path = Path(path)
-    where = repr(str(path)) if len(str(path)) <= 120 else repr("..." + str(path)[-117:])
-    if not path.exists():
-        raise FileNotFoundError(f"{where} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{where} is a folder, not a table file")
-    suffix = path.suffix.lower()
-    if suffix not in TABULAR_SUFFIXES:
-        raise ValueError(f"{where}: expected a table file ending in {', '.join(TABULAR_SUFFIXES)}")
+    path, where, suffix = _table_file(path)
     if suffix in (".npy", ".npz"):
         return _read_numpy(path, where, target, ignore, features, task, max_values)
     return _read_csv(path, where, target, ignore, features, task, max_values)
@@ -655,15 +662,7 @@ def read_features(
     Raises:
         FileNotFoundError, ValueError: as :func:`read_table`, naming the line and column.
     """
-    path = Path(path)
-    where = repr(str(path)) if len(str(path)) <= 120 else repr("..." + str(path)[-117:])
-    if not path.exists():
-        raise FileNotFoundError(f"{where} does not exist")
-    if path.is_dir():
-        raise ValueError(f"{where} is a folder, not a table file")
-    suffix = path.suffix.lower()
-    if suffix not in TABULAR_SUFFIXES:
-        raise ValueError(f"{where}: expected a table file ending in {', '.join(TABULAR_SUFFIXES)}")
+    path, where, suffix = _table_file(path)
     if suffix in (".npy", ".npz"):
         names, matrix = _load_numpy(path, where, max_values)
         numbered = all(n.isdigit() for n in feature_names)
